@@ -1,0 +1,106 @@
+"""Float64 reference attention and the distributed equivalence check used by tests and the demo.
+
+A *case* is a dict: ``ulysses, ring, batch, heads, kv_heads, seq_q, seq_kv, head_dim, dtype``
+(``"float32"``...), optional ``joint`` (``"front"``/``"rear"``) with ``joint_len``, ``seed``,
+``compile`` (also run ``torch.compile(fullgraph=True)``), ``iters`` (timed repetitions). Every rank
+draws the same global tensors from the seed, runs :func:`usp_attention` on its shard and compares with
+the float64 reference for its own rows, so nothing but the attention itself is communicated.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import layout
+from .groups import usp_groups
+from .usp import usp_attention
+
+
+def reference_attention(q, k, v, scale=None):
+    """Plain softmax attention in float64 (GQA by head repetition); (B, H, Sq, D) -> same."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+def make_inputs(case: dict):
+    """Global Q, K, V and joint Q, K, V (or Nones) for a case, identical on every rank."""
+    g = torch.Generator().manual_seed(case["seed"])
+    b, h, hkv, d = case["batch"], case["heads"], case.get("kv_heads", case["heads"]), case["head_dim"]
+    dtype = getattr(torch, case["dtype"])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q, k, v = rnd(b, h, case["seq_q"], d), rnd(b, hkv, case["seq_kv"], d), rnd(b, hkv, case["seq_kv"], d)
+    joint = (None, None, None)
+    if case.get("joint"):
+        sj = case["joint_len"]
+        joint = (rnd(b, h, sj, d), rnd(b, hkv, sj, d), rnd(b, hkv, sj, d))
+    return (q, k, v), joint
+
+
+def expected_local(case: dict, sp_rank: int):
+    """The float64 reference output rows this sequence-parallel rank must return."""
+    (q, k, v), (jq, jk, jv) = make_inputs(case)
+    u, r = case["ulysses"], case["ring"]
+    q_loc = layout.shard(q, 2, sp_rank, u, r)
+    if jq is not None:
+        q_loc = torch.cat([jq, q_loc] if case["joint"] == "front" else [q_loc, jq], dim=2)
+    if jk is not None:
+        k, v = torch.cat([jk, k], 2), torch.cat([jv, v], 2)
+    return reference_attention(q_loc, k, v)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def run_case(case: dict, groups) -> dict:
+    """Run one case on this rank; returns errors (vs float64 and, if compiled, vs eager) and timing."""
+    u, r = case["ulysses"], case["ring"]
+    ug, rg = groups
+    sp_rank = (0 if rg is None else rg.rank()) * u + (0 if ug is None else ug.rank())
+    (q, k, v), (jq, jk, jv) = make_inputs(case)
+    args = [layout.shard(t, 2, sp_rank, u, r) for t in (q, k, v)]
+    kwargs = dict(ulysses_group=ug, ring_group=rg, seq_len_q=q.shape[2], seq_len_kv=k.shape[2],
+                  joint_query=jq, joint_key=jk, joint_value=jv, joint_strategy=case.get("joint"))
+    out = usp_attention(*args, **kwargs)
+    result = {"case": case, "err": _rel_err(out, expected_local(case, sp_rank)),
+              "shape": tuple(out.shape)}
+    if case.get("compile"):
+        import torch._dynamo
+
+        explain = torch._dynamo.explain(usp_attention)(*args, **kwargs)
+        result["graph_breaks"] = explain.graph_break_count
+        result["graphs"] = explain.graph_count
+        torch._dynamo.reset()
+        compiled = torch.compile(usp_attention, fullgraph=True)
+        result["compile_err"] = _rel_err(compiled(*args, **kwargs), out.double())
+    iters = case.get("iters", 0)
+    if iters:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            usp_attention(*args, **kwargs)
+        dist.barrier()
+        result["ms"] = (time.perf_counter() - t0) / iters * 1e3
+    return result
+
+
+def run_cases(cases: list) -> list:
+    """Worker entry point: run every case on this rank (groups cached per (ulysses, ring))."""
+    cache: dict = {}
+    out = []
+    for case in cases:
+        key = (case["ulysses"], case["ring"])
+        if key not in cache:
+            cache[key] = usp_groups(*key)
+        out.append(run_case(case, cache[key]))
+    return out

@@ -188,10 +188,16 @@ def _attend(q_tm, kv_tm, scale, backend):
     return out.permute(2, 0, 1, 3), lse.permute(2, 0, 1)
 
 
-def _ring(q_tm, kv_own, send, plan: _Plan, group, scale, backend) -> torch.Tensor:
-    """Pipelined ring over ``group``: returns token-major output of ``q_tm`` against every block."""
+def _ring(q_tm, own: list, plan: _Plan, group, scale, backend) -> torch.Tensor:
+    """Pipelined ring over ``group``: returns token-major output of ``q_tm`` against every block.
+
+    ``own`` = [own K/V block, the slice of it to send], the caller's only references: the list is
+    emptied, so after step 0 the own block is freed and at most two K/V blocks (the one computed on
+    and the one in flight) are alive whatever the ring degree.
+    """
     acc = lse = None
-    cur = kv_own
+    cur, send = own
+    own.clear()
     acc_dtype = torch.promote_types(q_tm.dtype, torch.float32)
     for step in range(plan.ring):
         nxt = None
@@ -207,6 +213,28 @@ def _ring(q_tm, kv_own, send, plan: _Plan, group, scale, backend) -> torch.Tenso
     if acc is None:  # no query rows on this rank
         return q_tm.new_empty(q_tm.shape)
     return acc.to(q_tm.dtype)
+
+
+def _blocks(query, key, value, joint, plan: _Plan, group, kv_hook):
+    """This rank's token-major query rows and own K/V block, joint tokens included, after the all-to-all."""
+    q_lo, q_hi = plan.heads("q")
+    kv_lo, kv_hi = plan.heads("kv")
+    joint_query, joint_key, joint_value = joint
+    if plan.ulysses > 1:
+        q_pieces, kv_pieces = _ulysses_in(query, key, value, plan, group)
+    else:
+        q_pieces, kv_pieces = [_tm(query)], [_kv_tm(key, value)]
+    jq = None if joint_query is None else _tm(joint_query[:, q_lo:q_hi])
+    jkv = None if joint_key is None else _kv_tm(joint_key[:, kv_lo:kv_hi], joint_value[:, kv_lo:kv_hi])
+    q_rows = _with_joint(q_pieces, jq, plan.front)
+    q_tm = q_rows[0] if len(q_rows) == 1 else torch.cat(q_rows)
+    if kv_hook is not None:
+        block = torch.cat(kv_pieces)
+        k, v = kv_hook(block[:, 0].permute(1, 2, 0, 3), block[:, 1].permute(1, 2, 0, 3))
+        kv_pieces = [_kv_tm(k, v)]
+    own = _with_joint(kv_pieces, jkv, plan.front)
+    own = own[0] if len(own) == 1 and plan.ring == 1 else torch.cat(own)
+    return q_tm, own
 
 
 def usp_attention(
@@ -254,30 +282,16 @@ def usp_attention(
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         if joint_key is not None:
             joint_key, joint_value = joint_key.repeat_interleave(rep, 1), joint_value.repeat_interleave(rep, 1)
-    q_lo, q_hi = plan.heads("q")
-    kv_lo, kv_hi = plan.heads("kv")
-    if plan.ulysses > 1:
-        q_pieces, kv_pieces = _ulysses_in(query, key, value, plan, ulysses_group)
-    else:
-        q_pieces, kv_pieces = [_tm(query)], [_kv_tm(key, value)]
-    jq = None if joint_query is None else _tm(joint_query[:, q_lo:q_hi])
-    jkv = None if joint_key is None else _kv_tm(joint_key[:, kv_lo:kv_hi], joint_value[:, kv_lo:kv_hi])
-    q_tm = _with_joint(q_pieces, jq, plan.front)
-    q_tm = q_tm[0] if len(q_tm) == 1 else torch.cat(q_tm)
-    if kv_hook is not None:
-        block = torch.cat(kv_pieces)
-        k, v = kv_hook(block[:, 0].permute(1, 2, 0, 3), block[:, 1].permute(1, 2, 0, 3))
-        kv_pieces = [_kv_tm(k, v)]
-    own = _with_joint(kv_pieces, jkv, plan.front)
-    own = own[0] if len(own) == 1 and plan.ring == 1 else torch.cat(own)
+    q_tm, own = _blocks(query, key, value, (joint_query, joint_key, joint_value), plan, ulysses_group, kv_hook)
     if plan.ring == 1:
         out_tm = _attend(q_tm, own, scale, backend)[0] if q_tm.shape[0] else q_tm.new_empty(q_tm.shape)
     else:
         rows = own.shape[0] - plan.joint_kv
-        send = own[plan.joint_kv:] if plan.front else own[:rows]
         if kv_hook is not None:
             plan = _Plan(**{**plan.__dict__, "kv_blocks": [rows] * plan.ring})
-        out_tm = _ring(q_tm, own, send, plan, ring_group, scale, backend)
+        blocks = [own, own[plan.joint_kv:] if plan.front else own[:rows]]
+        del own
+        out_tm = _ring(q_tm, blocks, plan, ring_group, scale, backend)
     if plan.ulysses > 1:
         return _ulysses_out(out_tm.contiguous(), plan, ulysses_group)
     return out_tm.permute(1, 2, 0, 3)

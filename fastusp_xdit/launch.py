@@ -3,7 +3,7 @@
 Used by the tests, the benchmarks' CPU mode and the demo. Each worker initialises the default group
 (gloo on CPU, NCCL when ``backend="nccl"``) with a short collective timeout, runs ``fn(*args)`` and
 reports its picklable result. The parent enforces a hard deadline: if any rank fails, the other ranks
-are killed at once and the failing rank's traceback is raised; if the deadline passes, every rank is
+are killed within a short grace period and every failing rank's traceback is raised; if the deadline passes, every rank is
 killed and ``TimeoutError`` names the ranks that never reported. A hang can never stall the caller.
 """
 from __future__ import annotations
@@ -18,8 +18,11 @@ import traceback
 from typing import Any, Callable
 
 
+_GRACE_S = 3.0  # after a first failure, how long to wait for the other ranks' reports
+
+
 class WorkerError(RuntimeError):
-    """A rank raised; the message carries its traceback."""
+    """One or more ranks raised; the message carries each failing rank's traceback."""
 
 
 def _free_port() -> int:
@@ -66,23 +69,33 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     for p in procs:
         p.start()
     outs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     try:
-        while len(outs) < world_size:
+        while len(outs) + len(errors) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
+                if errors:
+                    break
                 missing = sorted(set(range(world_size)) - set(outs))
                 raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s")
             try:
                 rank, ok, out = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outs]
-                if dead:
-                    raise WorkerError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                for r, p in enumerate(procs):
+                    if p.exitcode not in (None, 0) and r not in outs and r not in errors:
+                        errors[r] = f"died with exit code {p.exitcode}"
+                        deadline = min(deadline, time.monotonic() + _GRACE_S)
                 continue
-            if not ok:
-                raise WorkerError(f"rank {rank} of {world_size} failed:\n{out}")
-            outs[rank] = out
+            if ok:
+                outs[rank] = out
+                continue
+            errors[rank] = out
+            # A failing rank makes its peers fail too (connection reset, timeout): give them a moment to
+            # report, then raise with every traceback so the root cause is among them.
+            deadline = min(deadline, time.monotonic() + _GRACE_S)
+        if errors:
+            raise WorkerError("\n\n".join(f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(errors.items())))
     finally:
         for p in procs:
             if p.is_alive():

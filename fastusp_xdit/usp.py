@@ -28,6 +28,8 @@ import torch
 
 from . import layout
 from .comm import all_to_all, ring_shift
+from .comm.fp8 import FP8Options, encoded_row_bytes, fp8_encode
+from .comm.packing import pack, part_size, unpack, wire_dtype
 from .ops import attention_with_lse, merge_into, select_backend
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -126,85 +128,136 @@ def _tm(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3)
 
 
-def _kv_tm(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) key and value -> token-major (S, 2, B, H, D) view (copies)."""
-    return torch.stack((k, v)).permute(3, 0, 1, 2, 4)
-
-
 def _with_joint(pieces: list, joint, front: bool) -> list:
     return pieces if joint is None else ([joint] + pieces if front else pieces + [joint])
 
 
-def _ulysses_in(q, k, v, plan: _Plan, group):
-    """Packed Q|K|V all-to-all; returns per-peer token-major Q pieces and K/V pieces of this block."""
-    b, d = q.shape[0], q.shape[3]
-    sq, skv = q.shape[2], k.shape[2]
+def _centered(k_tm: torch.Tensor):
+    """Token-major K minus its per-(batch, head, channel) mean over tokens, and that mean, in fp32.
+
+    Attention scores are shift-invariant per key set only, so the mean travels with the encoded K
+    and is added back after decoding; removing it first keeps large per-channel offsets out of the
+    FP8 row scales (K carries them in real activations).
+    """
+    k = k_tm.float()
+    mean = k.mean(dim=0) if k.shape[0] else k.new_zeros(k.shape[1:])
+    return k - mean, mean
+
+
+def _ulysses_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
+    """Packed Q|K|V all-to-all: per-peer token-major Q, K, V pieces of this rank's block."""
+    b, d, dtype = q.shape[0], q.shape[3], q.dtype
     q_off, kv_off = layout.offsets(plan.q_heads), layout.offsets(plan.kv_heads)
-    send_sizes = [b * d * (sq * hq + 2 * skv * hkv) for hq, hkv in zip(plan.q_heads, plan.kv_heads)]
-    send = q.new_empty(sum(send_sizes))
-    start = 0
+    k_send, k_mean = _centered(_tm(k)) if fp8.k else (_tm(k), None)
+    parts = []
     for j, (hq, hkv) in enumerate(zip(plan.q_heads, plan.kv_heads)):
-        nq = sq * b * hq * d
-        send[start:start + nq].view(sq, b, hq, d).copy_(_tm(q[:, q_off[j]:q_off[j] + hq]))
-        kv = send[start + nq:start + send_sizes[j]].view(skv, 2, b, hkv, d)
-        kv[:, 0].copy_(_tm(k[:, kv_off[j]:kv_off[j] + hkv]))
-        kv[:, 1].copy_(_tm(v[:, kv_off[j]:kv_off[j] + hkv]))
-        start += send_sizes[j]
+        kv_heads = slice(kv_off[j], kv_off[j] + hkv)
+        parts += [(_tm(q[:, q_off[j]:q_off[j] + hq]), fp8.qvo), (k_send[:, :, kv_heads], fp8.k)]
+        if fp8.k:  # the fp32 mean travels raw and is added back after decoding
+            parts.append((k_mean[:, kv_heads], False))
+        parts.append((_tm(v[:, kv_heads]), fp8.qvo))
+    wire = wire_dtype(dtype, fp8.qvo or fp8.k)
+    send = pack(parts, wire)
     hq, hkv = plan.q_heads[plan.u_rank], plan.kv_heads[plan.u_rank]
-    recv_sizes = [b * d * (s * hq + 2 * t * hkv) for s, t in zip(plan.q_shards, plan.kv_shards)]
-    recv = all_to_all(send, recv_sizes, send_sizes, group)
-    q_pieces, kv_pieces, start = [], [], 0
-    for s, t, n in zip(plan.q_shards, plan.kv_shards, recv_sizes):
-        q_pieces.append(recv[start:start + s * b * hq * d].view(s, b, hq, d))
-        kv_pieces.append(recv[start + s * b * hq * d:start + n].view(t, 2, b, hkv, d))
-        start += n
-    return q_pieces, kv_pieces
+    specs, send_sizes, recv_sizes = [], [], []
+    for j, (s, t) in enumerate(zip(plan.q_shards, plan.kv_shards)):
+        peer = [((s, b, hq, d), fp8.qvo), ((t, b, hkv, d), fp8.k)]
+        peer += [((b, hkv, d), False, torch.float32)] if fp8.k else []
+        peer.append(((t, b, hkv, d), fp8.qvo))
+        specs += peer
+        recv_sizes.append(sum(part_size(spec[0], spec[2] if len(spec) > 2 else dtype, spec[1], wire)
+                              for spec in peer))
+        per = parts[j * len(peer):(j + 1) * len(peer)]
+        send_sizes.append(sum(part_size(x.shape, x.dtype, f, wire) for x, f in per))
+    recv = unpack(all_to_all(send, recv_sizes, send_sizes, group), specs, dtype)
+    step = 4 if fp8.k else 3
+    q_pieces = recv[0::step]
+    k_pieces = ([(recv[i + 1].float() + recv[i + 2]).to(dtype) for i in range(0, len(recv), step)]
+                if fp8.k else recv[1::step])
+    return q_pieces, k_pieces, recv[step - 1::step]
 
 
-def _ulysses_out(out_tm: torch.Tensor, plan: _Plan, group) -> torch.Tensor:
+def _ulysses_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options) -> torch.Tensor:
     """Output all-to-all: token-major (rows, B, local heads, D) -> (B, all heads, local rows, D)."""
     _, b, h, d = out_tm.shape
-    jq = plan.joint_q
-    rows = layout.offsets(plan.q_shards)
+    jq, rows = plan.joint_q, layout.offsets(plan.q_shards)
     if jq:
         joint = out_tm[:jq] if plan.front else out_tm[out_tm.shape[0] - jq:]
         base = jq if plan.front else 0
-        send = torch.cat([t for i, s in enumerate(plan.q_shards)
-                          for t in _with_joint([out_tm[base + rows[i]:base + rows[i] + s]], joint, plan.front)])
+        pieces = [t for i, s in enumerate(plan.q_shards)
+                  for t in _with_joint([out_tm[base + rows[i]:base + rows[i] + s]], joint, plan.front)]
     else:
-        send = out_tm
-    per_row = b * h * d
+        pieces = [out_tm[rows[i]:rows[i] + s] for i, s in enumerate(plan.q_shards)]
+    wire = wire_dtype(out_tm.dtype, fp8.qvo)
+    if wire == out_tm.dtype and not jq:
+        send = out_tm.reshape(-1)  # already the peers' rows back to back: no copy
+    else:
+        send = pack([(x, fp8.qvo) for x in pieces], wire)
     s_out = plan.q_shards[plan.u_rank] + jq
-    send_sizes = [(s + jq) * per_row for s in plan.q_shards]
-    recv_sizes = [s_out * b * hj * d for hj in plan.q_heads]
-    recv = all_to_all(send.reshape(-1), recv_sizes, send_sizes, group)
-    chunks = [c.view(s_out, b, hj, d) for c, hj in zip(recv.split(recv_sizes), plan.q_heads)]
+    send_sizes = [part_size(((s + jq), b, h, d), out_tm.dtype, fp8.qvo, wire) for s in plan.q_shards]
+    specs = [((s_out, b, hj, d), fp8.qvo) for hj in plan.q_heads]
+    recv_sizes = [part_size(shape, out_tm.dtype, f, wire) for shape, f in specs]
+    chunks = unpack(all_to_all(send, recv_sizes, send_sizes, group), specs, out_tm.dtype)
     return torch.cat(chunks, dim=2).permute(1, 2, 0, 3)
 
 
-def _attend(q_tm, kv_tm, scale, backend):
-    out, lse = attention_with_lse(q_tm.permute(1, 2, 0, 3), kv_tm[:, 0].permute(1, 2, 0, 3),
-                                  kv_tm[:, 1].permute(1, 2, 0, 3), scale, backend)
+def _attend(q_tm, k_tm, v_tm, scale, backend):
+    """Local attention on token-major views; returns token-major output and (S, B, H) LSE."""
+    out, lse = attention_with_lse(q_tm.permute(1, 2, 0, 3), k_tm.permute(1, 2, 0, 3), v_tm.permute(1, 2, 0, 3),
+                                  scale, backend)
     return out.permute(2, 0, 1, 3), lse.permute(2, 0, 1)
 
 
-def _ring(q_tm, own: list, plan: _Plan, group, scale, backend) -> torch.Tensor:
+def _ring_wire(block: torch.Tensor, fp8: FP8Options) -> torch.Tensor:
+    """What a ring step sends: the raw (S, 2, B, H, D) block, or with ``fp8.ring_kv`` one flat byte
+    buffer [FP8 K centred on its mean | FP8 V | fp32 K mean]."""
+    if not fp8.ring_kv:
+        return block
+    k, mean = _centered(block[:, 0])
+    return torch.cat([fp8_encode(k).reshape(-1), fp8_encode(block[:, 1]).reshape(-1), mean.view(torch.uint8).reshape(-1)])
+
+
+def _ring_wire_size(rows: int, shape, fp8: FP8Options) -> int:
+    """Dim-0 size of :func:`_ring_wire` for a block of ``rows`` tokens of block ``shape``."""
+    if not fp8.ring_kv:
+        return rows
+    _, _, b, h, d = shape
+    return 2 * rows * b * h * encoded_row_bytes(d) + b * h * d * 4
+
+
+def _ring_unwire(buf: torch.Tensor, rows: int, shape, dtype: torch.dtype, fp8: FP8Options):
+    """(K, V) token-major views of a received block."""
+    if not fp8.ring_kv:
+        return buf[:, 0], buf[:, 1]
+    _, _, b, h, d = shape
+    k8, v8, mean = unpack(buf, [((rows, b, h, d), True), ((rows, b, h, d), True), ((b, h, d), False, torch.float32)],
+                          torch.float32)
+    return (k8 + mean).to(dtype), v8.to(dtype)
+
+
+def _ring(q_tm, own: list, plan: _Plan, group, scale, backend, fp8: FP8Options) -> torch.Tensor:
     """Pipelined ring over ``group``: returns token-major output of ``q_tm`` against every block.
 
     ``own`` = [own K/V block, the slice of it to send], the caller's only references: the list is
     emptied, so after step 0 the own block is freed and at most two K/V blocks (the one computed on
-    and the one in flight) are alive whatever the ring degree.
+    and the one in flight) are alive whatever the ring degree. With ``fp8.ring_kv`` the rotating
+    blocks travel FP8-encoded (K centred) and are decoded right before their attention.
     """
     acc = lse = None
     cur, send = own
     own.clear()
+    shape, dtype = cur.shape, cur.dtype
+    send = _ring_wire(send, fp8)
     acc_dtype = torch.promote_types(q_tm.dtype, torch.float32)
     for step in range(plan.ring):
         nxt = None
+        rows = plan.kv_blocks[(plan.r_rank - step) % plan.ring] + (plan.joint_kv if step == 0 else 0)
         if step + 1 < plan.ring:  # issue the next block's transfer before computing on this one
-            nxt = ring_shift(send, plan.kv_blocks[(plan.r_rank - step - 1) % plan.ring], group)
-        if cur.shape[0] and q_tm.shape[0]:
-            out, out_lse = _attend(q_tm, cur, scale, backend)
+            recv_rows = plan.kv_blocks[(plan.r_rank - step - 1) % plan.ring]
+            nxt = ring_shift(send, _ring_wire_size(recv_rows, shape, fp8), group)
+        if rows and q_tm.shape[0]:
+            k, v = (cur[:, 0], cur[:, 1]) if step == 0 else _ring_unwire(cur, rows, shape, dtype, fp8)
+            out, out_lse = _attend(q_tm, k, v, scale, backend)
             if acc is None:
                 acc, lse = out.to(acc_dtype), out_lse.to(acc_dtype)
             else:
@@ -212,29 +265,50 @@ def _ring(q_tm, own: list, plan: _Plan, group, scale, backend) -> torch.Tensor:
         cur = send = nxt
     if acc is None:  # no query rows on this rank
         return q_tm.new_empty(q_tm.shape)
-    return acc.to(q_tm.dtype)
+    return acc.to(dtype)
 
 
-def _blocks(query, key, value, joint, plan: _Plan, group, kv_hook):
-    """This rank's token-major query rows and own K/V block, joint tokens included, after the all-to-all."""
+def _rows(pieces: list) -> torch.Tensor:
+    """Concatenate token-major pieces along tokens (a view when there is only one)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _own_block(k_pieces: list, v_pieces: list) -> torch.Tensor:
+    """Token-major (S, 2, B, H, D) K/V block for the ring, written from the pieces in one pass."""
+    _, b, h, d = k_pieces[0].shape
+    block = k_pieces[0].new_empty(sum(k.shape[0] for k in k_pieces), 2, b, h, d)
+    start = 0
+    for k, v in zip(k_pieces, v_pieces):
+        block[start:start + k.shape[0], 0].copy_(k)
+        block[start:start + k.shape[0], 1].copy_(v)
+        start += k.shape[0]
+    return block
+
+
+def _blocks(query, key, value, joint, plan: _Plan, group, kv_hook, fp8: FP8Options):
+    """This rank's token-major query rows and K/V rows after the all-to-all, joint tokens included.
+
+    Returns ``(q, kv)``: ``kv`` is ``(k, v)`` views for ring degree 1, else one packed (S, 2, B, H, D)
+    block that the ring rotates.
+    """
     q_lo, q_hi = plan.heads("q")
     kv_lo, kv_hi = plan.heads("kv")
     joint_query, joint_key, joint_value = joint
     if plan.ulysses > 1:
-        q_pieces, kv_pieces = _ulysses_in(query, key, value, plan, group)
+        q_pieces, k_pieces, v_pieces = _ulysses_in(query, key, value, plan, group, fp8)
     else:
-        q_pieces, kv_pieces = [_tm(query)], [_kv_tm(key, value)]
+        q_pieces, k_pieces, v_pieces = [_tm(query)], [_tm(key)], [_tm(value)]
     jq = None if joint_query is None else _tm(joint_query[:, q_lo:q_hi])
-    jkv = None if joint_key is None else _kv_tm(joint_key[:, kv_lo:kv_hi], joint_value[:, kv_lo:kv_hi])
-    q_rows = _with_joint(q_pieces, jq, plan.front)
-    q_tm = q_rows[0] if len(q_rows) == 1 else torch.cat(q_rows)
+    q_tm = _rows(_with_joint(q_pieces, jq, plan.front))
     if kv_hook is not None:
-        block = torch.cat(kv_pieces)
-        k, v = kv_hook(block[:, 0].permute(1, 2, 0, 3), block[:, 1].permute(1, 2, 0, 3))
-        kv_pieces = [_kv_tm(k, v)]
-    own = _with_joint(kv_pieces, jkv, plan.front)
-    own = own[0] if len(own) == 1 and plan.ring == 1 else torch.cat(own)
-    return q_tm, own
+        k, v = kv_hook(_rows(k_pieces).permute(1, 2, 0, 3), _rows(v_pieces).permute(1, 2, 0, 3))
+        k_pieces, v_pieces = [_tm(k)], [_tm(v)]
+    if joint_key is not None:
+        k_pieces = _with_joint(k_pieces, _tm(joint_key[:, kv_lo:kv_hi]), plan.front)
+        v_pieces = _with_joint(v_pieces, _tm(joint_value[:, kv_lo:kv_hi]), plan.front)
+    if plan.ring == 1:
+        return q_tm, (_rows(k_pieces), _rows(v_pieces))
+    return q_tm, _own_block(k_pieces, v_pieces)
 
 
 def usp_attention(
@@ -253,6 +327,7 @@ def usp_attention(
     scale: Optional[float] = None,
     kv_hook: Optional[KVHook] = None,
     backend: Optional[str] = None,
+    fp8: "FP8Options | str | None" = None,
 ) -> torch.Tensor:
     """Bidirectional attention over a sequence sharded across ``ulysses_group x ring_group``.
 
@@ -269,10 +344,14 @@ def usp_attention(
             the all-to-all and before attention (PipeFusion's KV cache). With ring > 1 it must
             return equal-length blocks on every ring rank.
         scale: softmax scale, default ``head_dim ** -0.5``; backend: see :mod:`fastusp_xdit.ops`.
+        fp8: FP8 communication (:class:`fastusp_xdit.comm.fp8.FP8Options` or its spec string, e.g.
+            ``"qvo"``, ``"qvo,k"``, ``"qvo,k,ring_kv"``); ``None`` sends the input dtype. K is sent
+            centred on its per-head channel mean (added back after decoding); the LSE stays fp32.
 
     Returns:
         (B, H, [joint_q +] S_local, D) in the input dtype, memory in token-major order.
     """
+    fp8 = _fp8_options(fp8, query)
     plan = _validate_and_plan(query, key, value, (joint_query, joint_key, joint_value), joint_strategy,
                               ulysses_group, ring_group, seq_len_q, seq_len_kv)
     if backend is None:
@@ -282,16 +361,32 @@ def usp_attention(
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         if joint_key is not None:
             joint_key, joint_value = joint_key.repeat_interleave(rep, 1), joint_value.repeat_interleave(rep, 1)
-    q_tm, own = _blocks(query, key, value, (joint_query, joint_key, joint_value), plan, ulysses_group, kv_hook)
+    q_tm, own = _blocks(query, key, value, (joint_query, joint_key, joint_value), plan, ulysses_group, kv_hook, fp8)
     if plan.ring == 1:
-        out_tm = _attend(q_tm, own, scale, backend)[0] if q_tm.shape[0] else q_tm.new_empty(q_tm.shape)
+        out_tm = _attend(q_tm, *own, scale, backend)[0] if q_tm.shape[0] else q_tm.new_empty(q_tm.shape)
     else:
         rows = own.shape[0] - plan.joint_kv
         if kv_hook is not None:
             plan = _Plan(**{**plan.__dict__, "kv_blocks": [rows] * plan.ring})
         blocks = [own, own[plan.joint_kv:] if plan.front else own[:rows]]
         del own
-        out_tm = _ring(q_tm, blocks, plan, ring_group, scale, backend)
+        out_tm = _ring(q_tm, blocks, plan, ring_group, scale, backend, fp8)
     if plan.ulysses > 1:
-        return _ulysses_out(out_tm.contiguous(), plan, ulysses_group)
+        return _ulysses_out(out_tm.contiguous(), plan, ulysses_group, fp8)
     return out_tm.permute(1, 2, 0, 3)
+
+
+def _fp8_options(fp8, query: torch.Tensor) -> FP8Options:
+    """Normalise the ``fp8`` argument; FP8 needs half/fp32 inputs and a head_dim multiple of 4."""
+    opts = FP8Options.parse(fp8) if isinstance(fp8, str) else (fp8 or _NO_FP8)
+    if not isinstance(opts, FP8Options):
+        raise ValueError(f"fp8 must be an FP8Options, a spec string like 'qvo,k' or None, got {fp8!r}")
+    if opts != _NO_FP8:
+        _check(query.dtype in (torch.float16, torch.bfloat16, torch.float32),
+               f"FP8 communication takes float16/bfloat16/float32 inputs, got {query.dtype}: pass fp8=None")
+        _check(query.shape[-1] % 4 == 0, f"FP8 communication needs head_dim % 4 == 0, got {query.shape[-1]}: "
+               "pass fp8=None")
+    return opts
+
+
+_NO_FP8 = FP8Options(qvo=False, k=False, ring_kv=False)

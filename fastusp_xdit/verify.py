@@ -2,7 +2,11 @@
 
 A *case* is a dict: ``ulysses, ring, batch, heads, kv_heads, seq_q, seq_kv, head_dim, dtype``
 (``"float32"``...), optional ``joint`` (``"front"``/``"rear"``) with ``joint_len``, ``seed``,
-``compile`` (also run ``torch.compile(fullgraph=True)``), ``iters`` (timed repetitions). Every rank
+``compile`` (also run ``torch.compile(fullgraph=True)``, with ``compile_mode`` if given), ``iters`` (timed repetitions), ``fp8`` (an
+FP8 spec such as ``"qvo"``: also reports the error against the same run without FP8) and
+``device`` (``"cuda"`` puts the shards on this rank's GPU; the reference stays on the CPU) and
+``outliers`` (a factor: a few channels of V that much larger, and K offset by that much in a few
+channels, the outlier patterns of real activations; Q is RMS-normalised in DiTs). Every rank
 draws the same global tensors from the seed, runs :func:`usp_attention` on its shard and compares with
 the float64 reference for its own rows, so nothing but the attention itself is communicated.
 """
@@ -33,14 +37,21 @@ def make_inputs(case: dict):
     b, h, hkv, d = case["batch"], case["heads"], case.get("kv_heads", case["heads"]), case["head_dim"]
     dtype = getattr(torch, case["dtype"])
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
+    scale, shift = torch.ones(d), torch.zeros(d)
+    if case.get("outliers"):
+        scale[torch.randperm(d, generator=g)[: max(1, d // 32)]] = case["outliers"]
+        shift[torch.randperm(d, generator=g)[: max(1, d // 32)]] = case["outliers"]
 
-    q, k, v = rnd(b, h, case["seq_q"], d), rnd(b, hkv, case["seq_kv"], d), rnd(b, hkv, case["seq_kv"], d)
+    def rnd(*shape, kind="q"):
+        x = torch.randn(*shape, generator=g)
+        return (x * scale if kind == "v" else x + shift if kind == "k" else x).to(dtype)
+
+    q = rnd(b, h, case["seq_q"], d)
+    k, v = rnd(b, hkv, case["seq_kv"], d, kind="k"), rnd(b, hkv, case["seq_kv"], d, kind="v")
     joint = (None, None, None)
     if case.get("joint"):
         sj = case["joint_len"]
-        joint = (rnd(b, h, sj, d), rnd(b, hkv, sj, d), rnd(b, hkv, sj, d))
+        joint = (rnd(b, h, sj, d), rnd(b, hkv, sj, d, kind="k"), rnd(b, hkv, sj, d, kind="v"))
     return (q, k, v), joint
 
 
@@ -56,7 +67,15 @@ def expected_local(case: dict, sp_rank: int):
     return reference_attention(q_loc, k, v)
 
 
+def _fro_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error in the Frobenius norm (the metric for lossy FP8 communication)."""
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest element error relative to the largest reference element."""
     if ref.numel() == 0:
         return 0.0
     return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
@@ -67,31 +86,46 @@ def run_case(case: dict, groups) -> dict:
     u, r = case["ulysses"], case["ring"]
     ug, rg = groups
     sp_rank = (0 if rg is None else rg.rank()) * u + (0 if ug is None else ug.rank())
-    (q, k, v), (jq, jk, jv) = make_inputs(case)
-    args = [layout.shard(t, 2, sp_rank, u, r) for t in (q, k, v)]
+    (q, k, v), joint = make_inputs(case)
+    device = torch.device("cuda", torch.cuda.current_device()) if case.get("device") == "cuda" else torch.device("cpu")
+    jq, jk, jv = (None if t is None else t.to(device) for t in joint)
+    args = [layout.shard(t, 2, sp_rank, u, r).to(device) for t in (q, k, v)]
     kwargs = dict(ulysses_group=ug, ring_group=rg, seq_len_q=q.shape[2], seq_len_kv=k.shape[2],
                   joint_query=jq, joint_key=jk, joint_value=jv, joint_strategy=case.get("joint"))
+    if case.get("fp8"):
+        raw = usp_attention(*args, **kwargs)
+        kwargs["fp8"] = case["fp8"]
     out = usp_attention(*args, **kwargs)
-    result = {"case": case, "err": _rel_err(out, expected_local(case, sp_rank)),
+    result = {"case": case, "err": _rel_err(out.cpu(), expected_local(case, sp_rank)),
               "shape": tuple(out.shape)}
+    if case.get("fp8"):
+        result["fp8_vs_raw"] = _fro_err(out.cpu(), raw.cpu().double())
     if case.get("compile"):
-        import torch._dynamo
+        from torch import _dynamo
 
-        explain = torch._dynamo.explain(usp_attention)(*args, **kwargs)
+        explain = _dynamo.explain(usp_attention)(*args, **kwargs)
         result["graph_breaks"] = explain.graph_break_count
         result["graphs"] = explain.graph_count
-        torch._dynamo.reset()
-        compiled = torch.compile(usp_attention, fullgraph=True)
-        result["compile_err"] = _rel_err(compiled(*args, **kwargs), out.double())
+        _dynamo.reset()
+        compiled = torch.compile(usp_attention, fullgraph=True, mode=case.get("compile_mode"))
+        for _ in range(3):  # with mode="reduce-overhead": warm-up, CUDA-graph record, replay
+            got = compiled(*args, **kwargs).clone()
+        result["compile_err"] = _rel_err(got.cpu(), out.cpu().double())
     iters = case.get("iters", 0)
     if iters:
-        dist.barrier()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             usp_attention(*args, **kwargs)
-        dist.barrier()
+        _sync(device)
         result["ms"] = (time.perf_counter() - t0) / iters * 1e3
     return result
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
 
 
 def run_cases(cases: list) -> list:
@@ -101,6 +135,6 @@ def run_cases(cases: list) -> list:
     for case in cases:
         key = (case["ulysses"], case["ring"])
         if key not in cache:
-            cache[key] = usp_groups(*key)
+            cache[key] = usp_groups(*key, device_type="cuda" if case.get("device") == "cuda" else "cpu")
         out.append(run_case(case, cache[key]))
     return out

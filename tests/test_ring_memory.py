@@ -25,9 +25,9 @@ def ring_liveness_worker(ring: int, seed: int) -> dict:
         shifts.append(rows)
         return out
 
-    def attend(q_tm, kv_tm, scale, backend):
+    def attend(q_tm, k_tm, v_tm, scale, backend):
         live_counts.append(sum(ref() is not None for ref in tracked))
-        return real_attend(q_tm, kv_tm, scale, backend)
+        return real_attend(q_tm, k_tm, v_tm, scale, backend)
 
     usp.ring_shift, usp._attend = shift, attend
     _, rg = usp_groups(1, ring)

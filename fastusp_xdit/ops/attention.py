@@ -43,14 +43,20 @@ def select_backend(q: torch.Tensor, k: torch.Tensor | None = None) -> str:
         return forced
     if q.device.type != "cuda":
         return "cpu"
-    d = q.shape[-1]
-    major, _ = torch.cuda.get_device_capability(q.device)
-    if q.dtype in _HALF and major >= 8 and d % 8 == 0:
-        if d <= 128 and torch.backends.cuda.cudnn_sdp_enabled():
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _cuda_backend(index, q.dtype, q.shape[-1])
+
+
+@torch.compiler.assume_constant_result
+def _cuda_backend(index: int, dtype: torch.dtype, head_dim: int) -> str:
+    """The CUDA choice, evaluated once at trace time (device queries cannot be traced)."""
+    major, _ = torch.cuda.get_device_capability(index)
+    if dtype in _HALF and major >= 8 and head_dim % 8 == 0:
+        if head_dim <= 128 and torch.backends.cuda.cudnn_sdp_enabled():
             return "cudnn"
-        if d <= 256 and torch.backends.cuda.flash_sdp_enabled():
+        if head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled():
             return "flash"
-        if d <= 256 and _flash_attn_available():
+        if head_dim <= 256 and _flash_attn_available():
             return "flash_attn"
     return "efficient"
 

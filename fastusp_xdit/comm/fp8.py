@@ -1,0 +1,248 @@
+"""FP8 e4m3 codec for the tensors the Ulysses all-to-all and the ring rotation carry.
+
+Format. The last dim (head_dim, ``D``) is a *row*; each row gets one absmax scale, and is encoded as
+``D + 4`` bytes: ``D`` float8_e4m3fn values followed by the scale as the 4 little-endian bytes of a
+float32 (0.516 of bf16 at ``D = 128``). Every quantity is computed in float32 with these formulas, in
+this order, by the torch implementation (any device) and the Triton kernels (CUDA) alike:
+
+* ``amax = max |x|`` over the row; ``a = max(amax, 2**-100)`` (keeps ``448 / a`` finite: rows whose
+  absmax is below ~7.9e-31 are quantized against 2**-100, i.e. effectively flushed toward zero);
+* value ``q = e4m3(clamp(x * (448 / a), -448, 448))``, ``448 / a`` one correctly rounded division,
+  the cast rounding to nearest even (torch's cast; ``cvt.rn.satfinite`` on the GPU);
+* ``scale = a / 448`` (correctly rounded), or ``0`` for an all-zero row;
+* decode: ``y = (float32(q) * scale).to(dtype)`` (round to nearest even).
+
+Every step is an IEEE-exact operation, so CPU and CUDA bytes agree exactly (``benchmarks/fp8_codec.py``
+checks it on the GPU). Round-trip error: ~2.6% rms per row on Gaussian rows. Special rows: an all-zero
+row encodes to zeros and decodes to exact zeros. A row holding ``inf`` or ``nan`` encodes to scale
+bits ``0x7FC00000`` (NaN) and values ``0x7F`` (e4m3 NaN), so it decodes to all NaN: garbage never
+becomes silently finite. Finite values of any size are fine (the scale adapts, up to the float32
+maximum). Nothing here syncs with the host, so encode/decode are CUDA-graph capturable;
+:func:`check_finite` is the eager, syncing guard for callers that want an error instead of NaN rows.
+
+API. :func:`fp8_encode` reads ``x`` through its strides and writes the rows in ``x``'s *logical* order:
+pass a permuted view to fuse the permute (a ``(S, B, H, D)`` view of a ``(B, H, S, D)`` tensor gives
+the send layout in one pass); ``out=`` writes into a slot of a packed send buffer instead.
+:func:`fp8_decode` likewise reads a (possibly permuted) byte view and writes a contiguous tensor.
+Both run ``torch.library`` custom ops (``torch.ops.fastusp.fp8_encode``, ``fp8_encode_into``,
+``fp8_decode``) with fake implementations, so ``torch.compile(fullgraph=True)`` traces them; CUDA
+tensors on compute capability >= 8.9 run the Triton kernels of ``fp8_triton`` (imported on first use),
+everything else runs :func:`encode_torch` / :func:`decode_torch`. No autograd: inference only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import ClassVar
+
+import torch
+
+E4M3_MAX = 448.0
+SCALE_BYTES = 4
+MAX_DIMS = 5  # logical dims the Triton kernels address (4 row dims + D)
+AMAX_FLOOR = 2.0**-100
+NAN_SCALE_BITS = 0x7FC00000
+NAN_BYTE = 0x7F
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def encoded_row_bytes(d: int) -> int:
+    """Bytes of one encoded row of ``d`` values: ``d`` e4m3 bytes + a float32 scale."""
+    if d < 1:
+        raise ValueError(f"row length must be >= 1, got {d}")
+    return d + SCALE_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Options:
+    """Which tensors travel in FP8: Q, V and the output O (default), K (opt-in), the K/V ring (opt-in)."""
+
+    qvo: bool = True
+    k: bool = False
+    ring_kv: bool = False
+
+    WORDS: ClassVar[tuple[str, ...]] = ("qvo", "k", "ring_kv", "none")
+
+    @classmethod
+    def parse(cls, spec: str) -> FP8Options:
+        """Parse a comma list of enabled parts: ``"qvo"``, ``"qvo,k"``, ``"qvo,k,ring_kv"``, ``"none"``."""
+        words = [w.strip().lower() for w in spec.split(",")]
+        bad = [w for w in words if w not in cls.WORDS]
+        if bad or (len(words) > 1 and "none" in words):
+            raise ValueError(f"FP8 spec {spec!r}: use a comma list of {', '.join(cls.WORDS[:-1])}, "
+                             f"or 'none' alone")
+        return cls(qvo="qvo" in words, k="k" in words, ring_kv="ring_kv" in words)
+
+    def __str__(self) -> str:
+        """The canonical spec, accepted by :meth:`parse`."""
+        return ",".join(n for n in self.WORDS[:-1] if getattr(self, n)) or "none"
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``x`` holds inf/nan (syncs with the host: eager callers only)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input holds non-finite values (inf/nan); FP8 communication cannot carry them; "
+                         "disable FP8 (use backend fastusp) or fix the input")
+
+
+def _check_rank(shape, what: str) -> None:
+    if not 1 <= len(shape) <= MAX_DIMS:
+        raise ValueError(f"{what} must have 1 to {MAX_DIMS} dims, got shape {tuple(shape)}: "
+                         f"reshape (flatten) the leading dims")
+
+
+def _check_encode_input(x: torch.Tensor) -> None:
+    _check_rank(x.shape, "fp8_encode input")
+    if x.dtype not in INPUT_DTYPES:
+        raise ValueError(f"fp8_encode takes float16/bfloat16/float32, got {x.dtype}: cast with .to(torch.bfloat16)")
+    if x.shape[-1] < 1:
+        raise ValueError(f"fp8_encode needs a last dim >= 1, got shape {tuple(x.shape)}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"fp8_encode needs last-dim stride 1, got strides {x.stride()}: permute so the "
+                         f"head dim stays innermost, or call .contiguous()")
+
+
+def _check_decode_input(buf: torch.Tensor, dtype: torch.dtype) -> None:
+    _check_rank(buf.shape, "fp8_decode input")
+    if buf.dtype != torch.uint8:
+        raise ValueError(f"fp8_decode takes the uint8 buffer fp8_encode made, got {buf.dtype}: "
+                         f"use .view(torch.uint8)")
+    if buf.shape[-1] <= SCALE_BYTES:
+        raise ValueError(f"fp8_decode needs rows of D + {SCALE_BYTES} bytes with D >= 1, got shape {tuple(buf.shape)}")
+    if buf.stride(-1) != 1:
+        raise ValueError(f"fp8_decode needs last-dim stride 1, got strides {buf.stride()}: call .contiguous()")
+    if dtype not in INPUT_DTYPES:
+        raise ValueError(f"fp8_decode produces float16/bfloat16/float32, got {dtype}")
+
+
+def encode_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference encoder in plain torch ops (any device); the format is in the module docstring."""
+    d = x.shape[-1]
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    a = amax.clamp_min(AMAX_FLOOR)
+    # Tensor-by-tensor divisions: torch turns ``448 / a`` and ``a / 448`` into reciprocal products,
+    # which are not correctly rounded and would differ from the kernels' div_rn.
+    e4m3_max = torch.full_like(a, E4M3_MAX)
+    q = (xf * (e4m3_max / a)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    scale = torch.where(amax == 0, 0.0, a / e4m3_max)
+    bad = ~torch.isfinite(amax)
+    if out is None:
+        out = torch.empty(x.shape[:-1] + (d + SCALE_BYTES,), dtype=torch.uint8, device=x.device)
+    out[..., :d] = q.masked_fill(bad, NAN_BYTE)
+    out[..., d:] = scale.view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
+    return out
+
+
+def decode_torch(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference decoder in plain torch ops (any device): contiguous ``buf.shape[:-1] + (D,)`` of ``dtype``."""
+    d = buf.shape[-1] - SCALE_BYTES
+    q = buf[..., :d].view(torch.float8_e4m3fn).float()
+    scale = buf[..., d:].contiguous().view(torch.float32)
+    return (q * scale).to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_on(device_index: int) -> bool:
+    """Whether the Triton kernels serve this CUDA device (needs triton and native e4m3: sm >= 8.9)."""
+    if torch.cuda.get_device_capability(device_index) < (8, 9):
+        return False
+    try:
+        from . import fp8_triton  # noqa: F401
+    except ImportError as e:
+        warnings.warn(f"FP8 codec: triton unavailable ({e}); using the slower torch implementation")
+        return False
+    return True
+
+
+def _kernels(t: torch.Tensor):
+    """The ``fp8_triton`` module if it serves ``t``'s CUDA device, else None (torch implementation)."""
+    if not _triton_on(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        return None
+    from . import fp8_triton
+
+    return fp8_triton
+
+
+def _exact_strides() -> tuple:
+    # Inductor must hand the op the strides eager would (a permuted view stays a view: the fused permute).
+    tag = getattr(torch.Tag, "needs_exact_strides", None)
+    return (tag,) if tag is not None else ()
+
+
+@torch.library.custom_op("fastusp::fp8_encode", mutates_args=(), tags=_exact_strides())
+def _encode_op(x: torch.Tensor) -> torch.Tensor:
+    return encode_torch(x)
+
+
+@_encode_op.register_kernel("cuda")
+def _(x):
+    kernels = _kernels(x)
+    return kernels.encode(x) if kernels else encode_torch(x)
+
+
+@_encode_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[:-1] + (x.shape[-1] + SCALE_BYTES,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastusp::fp8_encode_into", mutates_args=("out",), tags=_exact_strides())
+def _encode_into_op(x: torch.Tensor, out: torch.Tensor) -> None:
+    encode_torch(x, out)
+
+
+@_encode_into_op.register_kernel("cuda")
+def _(x, out):
+    kernels = _kernels(x)
+    if kernels:
+        kernels.encode(x, out)
+    else:
+        encode_torch(x, out)
+
+
+@_encode_into_op.register_fake
+def _(x, out):
+    return None
+
+
+@torch.library.custom_op("fastusp::fp8_decode", mutates_args=(), tags=_exact_strides())
+def _decode_op(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return decode_torch(buf, dtype)
+
+
+@_decode_op.register_kernel("cuda")
+def _(buf, dtype):
+    kernels = _kernels(buf)
+    return kernels.decode(buf, dtype) if kernels else decode_torch(buf, dtype)
+
+
+@_decode_op.register_fake
+def _(buf, dtype):
+    return buf.new_empty(buf.shape[:-1] + (buf.shape[-1] - SCALE_BYTES,), dtype=dtype)
+
+
+def fp8_encode(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Encode float16/bfloat16/float32 ``x`` (last-dim stride 1, <= 5 dims) to contiguous uint8
+    ``x.shape[:-1] + (D + 4,)`` in ``x``'s logical order (pass a permuted view to fuse the permute).
+
+    ``out``: a contiguous uint8 tensor of that shape (e.g. a slot of a packed send buffer) to write
+    into instead of a new one; it is returned.
+    """
+    _check_encode_input(x)
+    if out is None:
+        return torch.ops.fastusp.fp8_encode(x)
+    want = tuple(x.shape[:-1]) + (x.shape[-1] + SCALE_BYTES,)
+    if out.dtype != torch.uint8 or tuple(out.shape) != want or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"fp8_encode out= must be a contiguous uint8 tensor of shape {want} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}: "
+                         f"view a contiguous byte slot with .view(*shape)")
+    torch.ops.fastusp.fp8_encode_into(x, out)
+    return out
+
+
+def fp8_decode(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode uint8 ``buf`` (rows of ``D + 4`` bytes, last-dim stride 1) to contiguous
+    ``buf.shape[:-1] + (D,)`` of ``dtype``."""
+    _check_decode_input(buf, dtype)
+    return torch.ops.fastusp.fp8_decode(buf, dtype)

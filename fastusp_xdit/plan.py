@@ -1,0 +1,479 @@
+"""Performance model and degree planner: predicted step time for every (ulysses, ring, fp8, overlap).
+
+Inputs are a model shape (:class:`Model`: heads, head_dim, tokens, layers, batch, MLP ratio), a
+world size and a device :class:`Profile` of measured numbers. Per attention layer, per rank:
+
+* attention compute ``4*B*H*S^2*D / world / attn_tflops``, times ``1 + ring_step_overhead*(R-1)``
+  when the keys arrive in ``R`` ring blocks (shorter kernels plus one LSE merge per extra block);
+* Ulysses (U > 1): one packed Q|K|V all-to-all and one O all-to-all (``packed=False``: separate
+  Q, K, V all-to-alls, as diffusers and stock xfuser do), each costing
+  ``latency + buffer*(U-1)/U / bw(buffer)``; plus layout copies at HBM copy speed (one per tensor
+  packed, two per tensor unpacked: permute before, permute after);
+* ring (R > 1): ``R-1`` transfers of the K/V block at the p2p link; with ``overlap`` each transfer
+  hides behind the previous block's compute (``(R-1)*max(c, p) + c``), else ``R*c + (R-1)*p``;
+* ``overlap`` with ring 1 pipelines the Ulysses all-to-alls by head groups (``chunks`` groups,
+  the best divisor of the local heads is chosen): a two-resource schedule, link then compute;
+* ``fp8`` (an ``FP8Options`` spec: which of Q/V/O, K, the ring's K/V travel in FP8) scales those
+  tensors' wire bytes by ``(D+4)/(2D)`` (e4m3 payload + an fp32 scale per (token, head) row; 0.516
+  at D=128) and replaces their pack copy by an encode and a decode at ``codec_gbps`` (bytes read +
+  written, like ``copy_gbps``).
+
+The rest of the step (projections, MLP, norms) is ``layers * 2*(4+2*mlp_ratio)*B*S*(H*D)^2`` FLOPs
+at ``dense_tflops``, divided by the world size; ``dense_tflops`` is calibrated so that world 1
+reproduces a measured one-GPU step (:func:`calibrate`).
+
+A link's bandwidth is piecewise linear in log(buffer bytes) over measured points (clamped at the
+ends) plus a fixed latency; :func:`fit_link` derives both from lone-call timings (each collective
+timed alone, as it runs inside a step between the kernel producing its input and the one consuming
+it). Profiles are data: :data:`PROFILES` holds ``h200x2`` and ``h100``, built only from DESIGN.md
+section 3 (row cited at each number); a JSON file of the same schema (``"profile"`` key of a
+benchmark result, or the bare object) overrides fields. Step timings measured later enter through
+:func:`calibrate` (one-GPU step) and a profile's ``measured_steps`` (checked by :func:`validate`).
+
+Error against the one measured multi-GPU step (2xH200, FLUX.1-dev size at 1024^2, compiled):
+diffusers' Ulysses-2 (``Choice(2, 1, packed=False)``) measured 89.3 ms, predicted 89.5 ms (+0.2%);
+tests/test_plan.py holds it to 5%. It is one point, and the copy count of the unpacked path is an
+assumption, so treat the model as good to ~10% for ranking, not as a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from . import layout
+from .comm.fp8 import FP8Options, encoded_row_bytes
+
+_BF16 = 2
+
+
+@dataclass(frozen=True)
+class Model:
+    """Shape of a diffusion transformer: every layer attends over all ``tokens`` (text included)."""
+
+    heads: int
+    head_dim: int
+    tokens: int
+    layers: int
+    batch: int = 1
+    mlp_ratio: float = 4.0
+
+    def attention_flops(self) -> float:
+        """One layer's attention FLOPs on one device (QK^T and PV)."""
+        return 4.0 * self.batch * self.heads * self.tokens ** 2 * self.head_dim
+
+    def dense_flops(self) -> float:
+        """One layer's non-attention FLOPs: QKV + out projections (4 h^2) and MLP (2 ratio h^2) per token."""
+        hidden = self.heads * self.head_dim
+        return 2.0 * (4 + 2 * self.mlp_ratio) * self.batch * self.tokens * hidden ** 2
+
+
+#: FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, 19 double + 38 single blocks.
+FLUX = Model(heads=24, head_dim=128, tokens=4608, layers=57)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One parallel configuration.
+
+    ``fp8``: what travels in FP8, a ``fastusp_xdit.comm.fp8.FP8Options`` spec (``"none"``, ``"qvo"``,
+    ``"qvo,k"``, ``"qvo,k,ring_kv"``), as ``usp_attention(fp8=...)`` takes it. ``packed``: one
+    Q|K|V all-to-all (FastUSP) or three (diffusers, stock xfuser). ``chunks``: Ulysses head groups
+    when overlapping (None = the best divisor).
+    """
+
+    ulysses: int
+    ring: int
+    fp8: str = "none"
+    overlap: bool = False
+    packed: bool = True
+    chunks: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """Time of one collective: ``latency_s + wire_bytes / bw(buffer_bytes)``; ``points``: (bytes, GB/s)."""
+
+    latency_s: float
+    points: tuple
+
+    def bandwidth(self, buffer_bytes: float) -> float:
+        """Bytes/s at this buffer size: linear in log(size) between points, clamped outside."""
+        pts = sorted(self.points)
+        if buffer_bytes <= pts[0][0]:
+            return pts[0][1] * 1e9
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if buffer_bytes <= x1:
+                t = math.log(buffer_bytes / x0) / math.log(x1 / x0)
+                return (y0 + t * (y1 - y0)) * 1e9
+        return pts[-1][1] * 1e9
+
+    def time(self, buffer_bytes: float, wire_bytes: float) -> float:
+        return self.latency_s + wire_bytes / self.bandwidth(buffer_bytes) if wire_bytes > 0 else 0.0
+
+
+def fit_link(samples) -> Link:
+    """Link from lone-call timings ``[(buffer_bytes, wire_bytes, seconds), ...]`` (two or more sizes).
+
+    The latency is the intercept of a least-squares line of seconds over wire bytes (kept in
+    ``[0, 0.9 * fastest call]``); each point's bandwidth is what remains after it, so the link
+    reproduces every sample exactly.
+    """
+    if len({s[1] for s in samples}) < 2:
+        raise ValueError("fit_link needs timings at two or more message sizes: measure more sizes")
+    n = len(samples)
+    mw = sum(s[1] for s in samples) / n
+    mt = sum(s[2] for s in samples) / n
+    slope = sum((s[1] - mw) * (s[2] - mt) for s in samples) / sum((s[1] - mw) ** 2 for s in samples)
+    latency = min(max(mt - slope * mw, 0.0), 0.9 * min(s[2] for s in samples))
+    return Link(latency, tuple(sorted((float(b), w / (t - latency) / 1e9) for b, w, t in samples)))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measured step time, for :func:`validate`."""
+
+    source: str
+    model: Model
+    choice: Choice
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured rates of one machine (see :data:`PROFILES` for the meaning of each field)."""
+
+    name: str
+    attn_tflops: float
+    dense_tflops: float
+    copy_gbps: float
+    codec_gbps: float
+    ring_step_overhead: float
+    a2a: Optional[Link] = None
+    p2p: Optional[Link] = None
+    measured_steps: tuple = field(default=())
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the schema :meth:`from_dict` and ``--device-profile`` read)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"device profile lacks {', '.join(missing)}: start from a complete profile, e.g. "
+                             f"--device-profile h200x2 --device-profile <file.json>")
+        unknown = set(d) - set(_REQUIRED) - {"a2a", "p2p", "measured_steps"}
+        if unknown:
+            raise ValueError(f"unknown device profile keys {sorted(unknown)}: allowed are "
+                             f"{', '.join(_REQUIRED + ('a2a', 'p2p', 'measured_steps'))}")
+        links = {k: None if d.get(k) is None else Link(float(d[k]["latency_s"]),
+                                                       tuple((float(b), float(g)) for b, g in d[k]["points"]))
+                 for k in ("a2a", "p2p")}
+        steps = tuple(Measurement(m["source"], Model(**m["model"]), Choice(**m["choice"]), float(m["seconds"]))
+                      for m in d.get("measured_steps", ()))
+        return cls(name=str(d["name"]), **{k: float(d[k]) for k in _REQUIRED[1:]}, measured_steps=steps, **links)
+
+
+_REQUIRED = ("name", "attn_tflops", "dense_tflops", "copy_gbps", "codec_gbps", "ring_step_overhead")
+
+
+def calibrate(profile: Profile, model: Model, step_1gpu_s: float) -> Profile:
+    """Profile whose ``dense_tflops`` makes world 1 predict ``step_1gpu_s`` for ``model``.
+
+    The entry point for measured step timings: pass a one-GPU step of the model being planned.
+    """
+    attention = model.layers * model.attention_flops() / (profile.attn_tflops * 1e12)
+    if step_1gpu_s <= attention:
+        raise ValueError(f"a one-GPU step of {step_1gpu_s * 1e3:.1f} ms is shorter than its attention alone "
+                         f"({attention * 1e3:.1f} ms at {profile.attn_tflops:.0f} TFLOP/s): check the model shape")
+    return replace(profile, dense_tflops=model.layers * model.dense_flops() / (step_1gpu_s - attention) / 1e12)
+
+
+def _lone_calls(rows, wire_fraction: float) -> dict:
+    """Link dict from DESIGN's lone-call rows ``[(buffer bytes, GB/s bus), ...]``."""
+    link = fit_link([(b, b * wire_fraction, b * wire_fraction / (g * 1e9)) for b, g in rows])
+    return {"latency_s": link.latency_s, "points": [list(p) for p in link.points]}
+
+
+def _flux_tflops(ms_per_layer: float) -> float:
+    return FLUX.attention_flops() / (ms_per_layer * 1e-3) / 1e12
+
+
+def _with_step(d: dict, step_1gpu_s: float) -> dict:
+    """``d`` with ``dense_tflops`` calibrated on a one-GPU FLUX step."""
+    return {**d, "dense_tflops": calibrate(Profile.from_dict({**d, "dense_tflops": 1.0}), FLUX,
+                                           step_1gpu_s).dense_tflops}
+
+
+# ring_step_overhead, from two H100 rows of DESIGN section 3: "4-block ring on one GPU (flash +
+# merge) vs one cuDNN call: compiled 2.1x slower" and "SDPA cuDNN / flash 613 / 335 TFLOP/s":
+# four flash blocks + merges cost 2.1 * 335 / 613 = 1.148 flash calls, i.e. 4.9% per extra block.
+_RING_STEP_OVERHEAD = (2.1 * 335 / 613 - 1) / 3
+
+_H100 = {
+    "name": "h100",
+    "attn_tflops": 613.0,        # "SDPA at (1,24,4608,128): cuDNN 613 TFLOP/s" (H100)
+    "copy_gbps": 3020.0,         # "HBM copy (read+write) 3020 GB/s" (H100)
+    "codec_gbps": 2115.0,        # "FP8 per-(token,head) quant in torch: compiled 2115 GB/s" (H100)
+    "ring_step_overhead": _RING_STEP_OVERHEAD,
+    # a2a / p2p: DESIGN section 3 has no multi-GPU H100 measurement; pass a dist_layer.py result.
+}
+_H200X2 = {
+    "name": "h200x2",
+    # "one GPU, whole sequence (cuDNN) 0.404 ms" (FLUX layer table, 2xH200): 646 TFLOP/s.
+    "attn_tflops": _flux_tflops(0.404),
+    "copy_gbps": 3020.0,         # "HBM copy 3020 GB/s": the H100 row, no H200 row (a lower bound on H200)
+    "codec_gbps": 2115.0,        # "FP8 quant compiled 2115 GB/s": the H100 row, no H200 row
+    "ring_step_overhead": _RING_STEP_OVERHEAD,  # H100 rows, see above
+    # "NCCL all_to_all_single, 8 MB / 64 MB buffer, each call timed alone: 56 / 241 GB/s bus" (2 ranks:
+    # half the buffer crosses the link) -> 63 us latency, 456 GB/s.
+    "a2a": _lone_calls([(8e6, 56.0), (64e6, 241.0)], wire_fraction=0.5),
+    # "NCCL p2p 8 MB / 64 MB, each call timed alone: 65 / 268 GB/s" -> 107 us latency, 484 GB/s.
+    "p2p": _lone_calls([(8e6, 65.0), (64e6, 268.0)], wire_fraction=1.0),
+    # "diffusers context parallel Ulysses-2 step: compiled 89.3 ms" (separate Q/K/V all-to-alls).
+    "measured_steps": [{"source": "DESIGN 3: diffusers Ulysses-2 compiled step", "model": asdict(FLUX),
+                        "choice": asdict(Choice(2, 1, packed=False)), "seconds": 89.3e-3}],
+}
+#: Built-in profiles (JSON schema of :meth:`Profile.to_dict`), compiled execution, bf16. dense_tflops
+#: from "one transformer step, 1 GPU: compiled 130.7 ms (H100) / 134.8 ms (2xH200)".
+PROFILES = {"h200x2": _with_step(_H200X2, 134.8e-3), "h100": _with_step(_H100, 130.7e-3)}
+
+
+def load_profile(specs) -> Profile:
+    """Profile from names in :data:`PROFILES` and/or JSON paths, later ones overriding earlier fields."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    merged: dict = {}
+    for spec in specs:
+        if spec in PROFILES:
+            d = PROFILES[spec]
+        elif os.path.isfile(spec):
+            with open(spec) as f:
+                d = json.load(f)
+            d = d.get("profile", d)
+        else:
+            raise ValueError(f"unknown device profile {spec!r}: use one of {', '.join(PROFILES)} or the path "
+                             f"of a JSON profile (benchmarks/results/*.json)")
+        merged.update(d)
+    return Profile.from_dict(merged)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-step seconds of one choice; ``comm_s`` is communication left exposed (not hidden)."""
+
+    choice: Choice
+    step_s: float
+    rest_s: float
+    attention_s: float
+    comm_s: float
+    layout_s: float
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[int]):
+    for name in ("heads", "head_dim", "tokens", "layers", "batch"):
+        _check(getattr(model, name) >= 1, f"{name} must be >= 1, got {getattr(model, name)}")
+    u, r = choice.ulysses, choice.ring
+    _check(u >= 1 and r >= 1, f"ulysses ({u}) and ring ({r}) must be >= 1")
+    _check(isinstance(choice.fp8, str),
+           f"fp8 must be a spec string such as 'none' or 'qvo,k', got {choice.fp8!r}")
+    FP8Options.parse(choice.fp8)  # raises ValueError naming the accepted words
+    _check(world is None or u * r == world, f"ulysses {u} x ring {r} = {u * r} does not factor world size "
+           f"{world}: pick degrees whose product is {world}")
+    _check(u <= model.heads, f"ulysses degree {u} exceeds the {model.heads} heads: use ulysses <= {model.heads} "
+           f"and put the rest of the world in the ring degree")
+    _check(model.tokens >= u * r, f"{model.tokens} tokens cannot be split over {u * r} ranks: use fewer ranks")
+    for kind, deg, link in (("a2a", u, profile.a2a), ("p2p", r, profile.p2p)):
+        _check(deg == 1 or link is not None,
+               f"profile {profile.name!r} has no {kind} measurements: run benchmarks/dist_layer.py on this "
+               f"machine and pass --device-profile {profile.name} "
+               f"--device-profile benchmarks/results/dist_layer-cuda-w<N>.json")
+    if choice.chunks is not None:
+        heads = max(layout.head_split(model.heads, model.heads, u)[0])
+        _check(choice.chunks >= 1 and heads % choice.chunks == 0,
+               f"chunks={choice.chunks} must divide the {heads} heads per Ulysses rank")
+
+
+def _pipeline(ins, comps, outs) -> float:
+    """Link runs every input chunk, then outputs as they become ready; compute runs chunk g after its input."""
+    link = comp = 0.0
+    done = []
+    for a, c in zip(ins, comps):
+        link += a
+        comp = max(comp, link) + c
+        done.append(comp)
+    for d, o in zip(done, outs):
+        link = max(link, d) + o
+    return link
+
+
+def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
+    """(total, compute, layout) seconds of one attention layer on one rank, and the chunk count used."""
+    u, r, d = ch.ulysses, ch.ring, model.head_dim
+    fp8 = FP8Options.parse(ch.fp8)
+    heads = max(layout.head_split(model.heads, model.heads, u)[0])
+    block = max(layout.block_sizes(model.tokens, u, r))
+    shard = max(layout.shard_sizes(model.tokens, u, r))
+    f8 = encoded_row_bytes(d) / (d * _BF16)  # FP8 bytes per bf16 byte: 0.516 at D=128
+
+    def wire(on: bool) -> float:
+        return f8 if on else 1.0
+
+    compute = 4.0 * model.batch * heads * block * model.tokens * d / (p.attn_tflops * 1e12)
+    compute *= 1 + p.ring_step_overhead * (r - 1)
+    # Ring: R-1 transfers of the packed K/V block, each hidden behind a block's compute when overlapping.
+    kv = 2 * model.batch * heads * block * d * _BF16
+    step_c = compute / r
+    xfer = p.p2p.time(kv * wire(fp8.ring_kv), kv * wire(fp8.ring_kv)) if r > 1 else 0.0
+    ring = (r - 1) * max(step_c, xfer) + step_c if ch.overlap else r * step_c + (r - 1) * xfer
+    # Layout work, bytes read + written: a pack/unpack copy per bf16 tensor sent (two unpacked), an
+    # encode and a decode per FP8 tensor (bf16 side + FP8 side), FP8 ring blocks decoded on arrival.
+    tensor = model.batch * model.heads * shard * d * _BF16  # one of Q/K/V/O, this rank's shard
+    codec = copy = 0.0
+    if u > 1:
+        for on in (fp8.qvo, fp8.k, fp8.qvo, fp8.qvo):  # Q, K, V, O
+            if on:
+                codec += 2 * tensor * (1 + f8)
+            else:
+                copy += (1 if ch.packed else 2) * 2 * tensor
+    elif r > 1 and not fp8.ring_kv:
+        copy += 2 * kv  # K and V packed into one ring block
+    if r > 1 and fp8.ring_kv:
+        codec += r * kv * (1 + f8)  # encode the own block, decode R-1 arrivals
+    lay = codec / (p.codec_gbps * 1e9) + copy / (p.copy_gbps * 1e9)
+    if u == 1:
+        return ring + lay, compute, lay, 1
+
+    def a2a(buf):
+        return p.a2a.time(buf, buf * (u - 1) / u)
+
+    factors = (wire(fp8.qvo), wire(fp8.k), wire(fp8.qvo))  # Q, K, V
+
+    def ulysses(g: int) -> float:
+        qkv = a2a(tensor * sum(factors) / g) if ch.packed else sum(a2a(tensor * w / g) for w in factors)
+        o = a2a(tensor * wire(fp8.qvo) / g)
+        if g == 1:
+            return qkv + ring + o
+        return _pipeline([qkv] * g, [ring / g] * g, [o] * g)
+
+    if ch.overlap and r == 1:
+        options = [ch.chunks] if ch.chunks else [g for g in range(1, heads + 1) if heads % g == 0]
+        g = min(options, key=ulysses)
+    else:
+        g = 1
+    return ulysses(g) + lay, compute, lay, g
+
+
+def predict(model: Model, profile: Profile, choice: Choice) -> Prediction:
+    """Predicted step of ``model`` under ``choice`` (world = ulysses x ring)."""
+    _validate(model, profile, choice, None)
+    world = choice.ulysses * choice.ring
+    layer, compute, lay, g = _layer(model, profile, choice)
+    rest = model.layers * model.dense_flops() / (profile.dense_tflops * 1e12) / world
+    n = model.layers
+    return Prediction(replace(choice, chunks=g), rest + n * layer, rest, n * compute,
+                      n * (layer - compute - lay), n * lay)
+
+
+def plan(model: Model, profile: Profile, world: int, ulysses: Optional[int] = None,
+         ring: Optional[int] = None, fp8_on: str = "qvo,k,ring_kv") -> list:
+    """Predictions for every (ulysses, ring, fp8, overlap) with ulysses x ring == world, fastest first.
+
+    ``ulysses`` / ``ring`` restrict the degrees. FP8 is off (``"none"``) or ``fp8_on`` (default:
+    every tensor the configuration sends); fp8 and overlap vary only where there is communication.
+    """
+    _check(world >= 1, f"world size must be >= 1, got {world}")
+    for name, deg in (("ulysses", ulysses), ("ring", ring)):
+        _check(deg is None or (deg >= 1 and world % deg == 0),
+               f"{name} degree {deg} does not divide world size {world}: pick a divisor of {world}")
+    if ulysses is not None and ring is not None:
+        _validate(model, profile, Choice(ulysses, ring), world)
+    fp8_on = str(FP8Options.parse(fp8_on))
+    flags = [("none", False)] if world == 1 else [(f, o) for f in ("none", fp8_on) for o in (False, True)]
+    out = []
+    for u in range(1, min(world, model.heads) + 1):
+        if world % u or (ulysses is not None and u != ulysses) or (ring is not None and world // u != ring):
+            continue
+        for fp8, overlap in flags:
+            choice = Choice(u, world // u, fp8, overlap)
+            _validate(model, profile, choice, world)
+            out.append(predict(model, profile, choice))
+    _check(bool(out), f"no ulysses x ring factorization of world {world} has ulysses <= {model.heads} heads: "
+           f"use a ring degree of at least {math.ceil(world / model.heads)}")
+    return sorted(out, key=lambda p: p.step_s)
+
+
+def validate(profile: Profile) -> list:
+    """``[(measurement, predicted seconds, relative error), ...]`` for the profile's measured steps."""
+    rows = []
+    for m in profile.measured_steps:
+        pred = predict(m.model, profile, m.choice).step_s
+        rows.append((m, pred, pred / m.seconds - 1))
+    return rows
+
+
+def format_table(preds: list, step_1gpu_s: float) -> str:
+    head = f"{'#':>2} {'ulysses':>7} {'ring':>4} {'fp8':>13} {'overlap':>7} {'chunks':>6} " \
+           f"{'attn ms':>8} {'comm ms':>8} {'layout ms':>9} {'step ms':>8} {'speedup':>7}"
+    lines = [head, "-" * len(head)]
+    for i, p in enumerate(preds, 1):
+        c = p.choice
+        lines.append(f"{i:>2} {c.ulysses:>7} {c.ring:>4} {c.fp8:>13} "
+                     f"{'on' if c.overlap else 'off':>7} {c.chunks:>6} {p.attention_s * 1e3:>8.2f} "
+                     f"{p.comm_s * 1e3:>8.2f} {p.layout_s * 1e3:>9.2f} {p.step_s * 1e3:>8.2f} "
+                     f"{step_1gpu_s / p.step_s:>6.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastusp_xdit.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", type=int, default=FLUX.heads)
+    ap.add_argument("--head-dim", type=int, default=FLUX.head_dim)
+    ap.add_argument("--tokens", type=int, default=FLUX.tokens, help="sequence length, joint text tokens included")
+    ap.add_argument("--layers", type=int, default=FLUX.layers, help="attention layers per step")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--mlp-ratio", type=float, default=FLUX.mlp_ratio)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--ulysses", type=int, help="only this Ulysses degree")
+    ap.add_argument("--ring", type=int, help="only this ring degree")
+    ap.add_argument("--device-profile", action="append",
+                    help=f"{' | '.join(PROFILES)} | JSON file; repeat to override fields (default h200x2)")
+    ap.add_argument("--fp8", default="qvo,k,ring_kv",
+                    help="the FP8 spec of the FP8 rows (default: every tensor sent)")
+    ap.add_argument("--step-1gpu-ms", type=float,
+                    help="measured one-GPU step of this model: recalibrates dense_tflops")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    try:
+        profile = load_profile(args.device_profile or ["h200x2"])
+        model = Model(args.heads, args.head_dim, args.tokens, args.layers, args.batch, args.mlp_ratio)
+        if args.step_1gpu_ms is not None:
+            profile = calibrate(profile, model, args.step_1gpu_ms * 1e-3)
+        preds = plan(model, profile, args.world, args.ulysses, args.ring, args.fp8)
+        single = predict(model, profile, Choice(1, 1)).step_s
+        checks = validate(profile)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.json:
+        print(json.dumps({"model": asdict(model), "world": args.world, "profile": profile.name,
+                          "step_1gpu_s": single, "predictions": [asdict(p) for p in preds],
+                          "validation": [{"source": m.source, "measured_s": m.seconds, "predicted_s": s,
+                                          "rel_err": e} for m, s, e in checks]}, indent=1))
+        return 0
+    print(f"profile {profile.name}, {model}, world {args.world}; predicted 1-GPU step {single * 1e3:.1f} ms")
+    print(format_table(preds, single))
+    for m, s, e in checks:
+        print(f"check: {m.source}: measured {m.seconds * 1e3:.1f} ms, model {s * 1e3:.1f} ms ({e:+.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -270,7 +270,12 @@ def throughput(device: torch.device, sweep: bool) -> tuple[list[dict], list[dict
         ]
         copy_gbs = None
         for name, fn, inputs, moved in cases:
-            sec, graphed = _time_graph(fn, inputs, calls, reps)
+            try:
+                sec, graphed = _time_graph(fn, inputs, calls, reps)
+            except Exception as e:  # a comparison row that fails is recorded, not fatal
+                rows.append({"shape": label, "op": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"{label:30s} {name:38s} failed: {type(e).__name__}", flush=True)
+                continue
             gbs = moved / sec / 1e9
             copy_gbs = copy_gbs or gbs
             rec = {"shape": label, "op": name, "us": sec * 1e6, "GB_s": gbs, "of_copy": gbs / copy_gbs,

@@ -1,12 +1,34 @@
 """FastUSP for xDiT: Ulysses x pipelined-ring sequence-parallel attention with traceable communication.
 
 Layers, lowest first (a layer imports only those above it in this list):
-``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives) -> ``ops`` (local
-attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm) -> ``launch`` (process harness).
+``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives, FP8 codec) -> ``ops``
+(local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm) -> ``xdit`` (everything
+that touches xfuser; ``activate()``) -> entry points (``cli``, ``run``, ``demo``).
+
+The names below load on first use (PEP 562): ``fastusp_xdit_autoload.pth`` imports
+``fastusp_xdit._autoload`` at every interpreter start, which must not import torch.
 """
-from .layout import shard, shard_sizes
-from .ops import attention_with_lse, merge_partials
-from .usp import usp_attention
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["usp_attention", "attention_with_lse", "merge_partials", "shard", "shard_sizes", "__version__"]
+_EXPORTS = {
+    "usp_attention": ".usp",
+    "attention_with_lse": ".ops",
+    "merge_partials": ".ops",
+    "shard": ".layout",
+    "shard_sizes": ".layout",
+    "activate": ".xdit",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

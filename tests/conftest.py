@@ -1,8 +1,15 @@
 """Shared test helpers: fresh random seeds (reported on failure) and distributed case running."""
 import os
 import random
+import sys
 
 import pytest
+
+# An installed fastusp_xdit_autoload.pth would activate fastusp at the first xfuser import of every test
+# process (spawned workers inherit this variable). Tests activate explicitly; test_delivery checks the hook.
+os.environ["FASTUSP_XDIT_AUTOLOAD"] = "0"
+if "fastusp_xdit.xdit.import_hook" in sys.modules:  # installed in this process at start-up
+    sys.modules["fastusp_xdit.xdit.import_hook"].uninstall()
 
 
 @pytest.fixture

@@ -131,7 +131,7 @@ def encode_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if out is None:
         out = torch.empty(x.shape[:-1] + (d + SCALE_BYTES,), dtype=torch.uint8, device=x.device)
     out[..., :d] = q.masked_fill(bad, NAN_BYTE)
-    out[..., d:] = scale.view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
+    out[..., d:] = scale.contiguous().view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
     return out
 
 

@@ -1,0 +1,81 @@
+"""Every xfuser symbol that ``fastusp_xdit.xdit`` reads or replaces, with the shape it expects.
+
+Written against xfuser 0.7.0 (PyPI wheel). Each patch calls :func:`check_module` on its module before
+touching it, so a changed xfuser fails at the first import with the list of what moved, never
+silently; :func:`check_xfuser` checks everything at once (used by the tests).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import types
+
+XFUSER_VERSION = "0.7.0"
+
+_USP_PARAMS = ("query", "key", "value", "dropout_p", "is_causal", "joint_query", "joint_key", "joint_value",
+               "joint_strategy", "attn_layer", "combine_qkv_a2a", "backend", "attention_kwargs",
+               "head_balance_layer", "kv_head_repeat")
+
+# module -> {attribute: parameter names of a callable, or None for a non-callable value}
+TARGETS: dict[str, dict[str, tuple | None]] = {
+    # compat.py (CPU-only machines)
+    "xfuser.envs": {"get_device_version": (), "get_torch_distributed_backend": (), "PACKAGES_CHECKER": None},
+    "xfuser.core.sparge_attention.sparge": {"get_block_map_meansim": None},
+    "xfuser.core.distributed.group_coordinator": {"synchronize": None},
+    "xfuser.core.distributed.fp8_comms": {"PROCESS_GROUP": None},
+    "xfuser.core.sparge_attention.head_balance": {"PROCESS_GROUP": None},
+    # backend.py
+    "xfuser.core.distributed.attention_backend": {
+        "AttentionBackendType": None, "ATTENTION_FUNCTION_REGISTRY": None,
+        "register_attention_function": ("backend_type",)},
+    # usp_adapter.py (and compat.py: PROCESS_GROUP)
+    "xfuser.model_executor.layers.usp": {
+        "USP": _USP_PARAMS, "PROCESS_GROUP": None,
+        "_has_kv_cache": ("attn_layer",), "_update_and_get_kv_cache": ("key", "value", "attn_layer"),
+        "get_runtime_state": (), "get_ulysses_parallel_world_size": (), "get_ring_parallel_world_size": ()},
+}
+
+
+def _problems(module: types.ModuleType) -> list[str]:
+    out = []
+    for attr, params in TARGETS.get(module.__name__, {}).items():
+        if not hasattr(module, attr):
+            out.append(f"{module.__name__}.{attr} is missing")
+            continue
+        if params is None:
+            continue
+        obj = getattr(module, attr)
+        try:
+            got = tuple(inspect.signature(obj).parameters)
+        except (TypeError, ValueError):
+            out.append(f"{module.__name__}.{attr} is no longer a plain function")
+            continue
+        if got != params:
+            out.append(f"{module.__name__}.{attr} takes {got}, expected {params}")
+    return out
+
+
+def _raise(problems: list[str]):
+    try:
+        version = importlib.metadata.version("xfuser")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    raise RuntimeError(f"fastusp_xdit.xdit targets xfuser {XFUSER_VERSION}, found {version}, and these symbols "
+                       "changed: " + "; ".join(problems) + ". Update fastusp_xdit/xdit/ for this xfuser.")
+
+
+def check_module(module: types.ModuleType) -> None:
+    """Raise ``RuntimeError`` if ``module`` lacks a symbol we patch or its signature changed."""
+    problems = _problems(module)
+    if problems:
+        _raise(problems)
+
+
+def check_xfuser() -> None:
+    """Import every target module and check all symbols (requires an importable xfuser)."""
+    problems = []
+    for name in TARGETS:
+        problems += _problems(importlib.import_module(name))
+    if problems:
+        _raise(problems)

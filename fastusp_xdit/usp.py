@@ -30,7 +30,7 @@ from . import layout
 from .comm import all_to_all, ring_shift
 from .comm.fp8 import FP8Options, encoded_row_bytes, fp8_encode
 from .comm.packing import pack, part_size, unpack, wire_dtype
-from .ops import attention_with_lse, merge_into, select_backend
+from .ops import attention_with_lse, lse_merge, select_backend
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -249,23 +249,25 @@ def _ring(q_tm, own: list, plan: _Plan, group, scale, backend, fp8: FP8Options) 
     shape, dtype = cur.shape, cur.dtype
     send = _ring_wire(send, fp8)
     acc_dtype = torch.promote_types(q_tm.dtype, torch.float32)
-    for step in range(plan.ring):
+    rows_at = [plan.kv_blocks[(plan.r_rank - step) % plan.ring] + (plan.joint_kv if step == 0 else 0)
+               for step in range(plan.ring)]
+    last = max([-1] + [step for step, rows in enumerate(rows_at) if rows])  # the last merge writes `dtype`
+    for step, rows in enumerate(rows_at):
         nxt = None
-        rows = plan.kv_blocks[(plan.r_rank - step) % plan.ring] + (plan.joint_kv if step == 0 else 0)
         if step + 1 < plan.ring:  # issue the next block's transfer before computing on this one
             recv_rows = plan.kv_blocks[(plan.r_rank - step - 1) % plan.ring]
             nxt = ring_shift(send, _ring_wire_size(recv_rows, shape, fp8), group)
         if rows and q_tm.shape[0]:
             k, v = (cur[:, 0], cur[:, 1]) if step == 0 else _ring_unwire(cur, rows, shape, dtype, fp8)
             out, out_lse = _attend(q_tm, k, v, scale, backend)
-            if acc is None:
-                acc, lse = out.to(acc_dtype), out_lse.to(acc_dtype)
+            if acc is None:  # block 0 is read in its own dtype by the first merge, never copied
+                acc, lse = out, out_lse
             else:
-                acc, lse = merge_into(acc, lse, out, out_lse)
+                acc, lse = lse_merge(acc, lse, out, out_lse, dtype if step == last else acc_dtype)
         cur = send = nxt
     if acc is None:  # no query rows on this rank
         return q_tm.new_empty(q_tm.shape)
-    return acc.to(dtype)
+    return acc.to(dtype)  # a no-op when the last merge ran (it wrote `dtype`)
 
 
 def _rows(pieces: list) -> torch.Tensor:

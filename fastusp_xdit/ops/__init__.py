@@ -1,5 +1,5 @@
 """Local (single-device) kernels: attention with LSE and the LSE merge."""
 from .attention import BACKENDS, attention_with_lse, select_backend
-from .merge import merge_into, merge_partials
+from .merge import lse_merge, merge_into, merge_partials
 
-__all__ = ["BACKENDS", "attention_with_lse", "select_backend", "merge_into", "merge_partials"]
+__all__ = ["BACKENDS", "attention_with_lse", "select_backend", "lse_merge", "merge_into", "merge_partials"]

@@ -3,7 +3,8 @@
 Layers, lowest first (a layer imports only those above it in this list):
 ``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives, FP8 codec) -> ``ops``
 (local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm) -> ``xdit`` (everything
-that touches xfuser; ``activate()``) -> entry points (``cli``, ``run``, ``demo``).
+that touches xfuser; ``activate()``) -> entry points (``cli``, ``run``, ``demo_pipeline``, ``demo_core``,
+``serve``, ``doctor``).
 
 The names below load on first use (PEP 562): ``fastusp_xdit_autoload.pth`` imports
 ``fastusp_xdit._autoload`` at every interpreter start, which must not import torch.

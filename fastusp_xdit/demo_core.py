@@ -1,8 +1,9 @@
-"""The embedded main job: FastUSP attention on 2 CPU processes against a float64 reference.
+"""``fastusp-xdit demo --core``: FastUSP attention alone on 2 CPU processes against a float64 reference.
 
 Runs Ulysses-2 and Ring-2 (and world-1) at a FLUX-like shape scaled down for CPUs, in fp32 and bf16,
-with joint text tokens; prints a table of milliseconds per call and relative error, and writes a PNG
-chart next to it.
+with joint text tokens; prints a table of milliseconds per call and relative error, and writes
+``core_demo.json`` and a PNG chart ``core_demo.png``. (The main demo, through xDiT's pipeline, is
+:mod:`fastusp_xdit.demo_pipeline`.)
 """
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import os
 import platform
 import time
 
-import torch
-
+from . import doctor
 from .launch import run_distributed
 from .verify import run_cases
 
@@ -57,7 +57,7 @@ def _plot(rows: list, path: str) -> bool:
 
 def main(heads: int = 8, seq: int = 2048, head_dim: int = 64, joint: int = 128, iters: int = 5,
          out_dir: str = "fastusp_demo", timeout: float = 600.0) -> list:
-    """Run the demo; returns the table rows and writes ``out_dir/demo.{json,png}``."""
+    """Run the demo; returns the table rows and writes ``out_dir/core_demo.{json,png}``."""
     os.makedirs(out_dir, exist_ok=True)
     cases = demo_cases(heads, seq, head_dim, joint, iters)
     print(f"FastUSP demo: {len(cases)} configurations on 2 CPU processes (gloo), heads={heads} seq={seq} "
@@ -74,13 +74,14 @@ def main(heads: int = 8, seq: int = 2048, head_dim: int = 64, joint: int = 128, 
         rows.append(dict(config=cfg, dtype=case["dtype"], world=2, ms=max(r[i]["ms"] for r in per_rank),
                          err=max(r[i]["err"] for r in per_rank)))
     print(_table(rows))
-    record = {"command": "fastusp-xdit demo", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    record = {"command": "fastusp-xdit demo --core", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "versions": doctor.versions(),
               "shape": dict(heads=heads, seq=seq, head_dim=head_dim, joint=joint), "rows": rows,
               "wall_s": time.perf_counter() - t0}
-    with open(os.path.join(out_dir, "demo.json"), "w") as f:
+    with open(os.path.join(out_dir, "core_demo.json"), "w") as f:
         json.dump(record, f, indent=1)
-    png = os.path.join(out_dir, "demo.png")
-    print(f"wrote {out_dir}/demo.json" + (f" and {png}" if _plot(rows, png) else " (install matplotlib for a chart)"))
+    png = os.path.join(out_dir, "core_demo.png")
+    chart = f" and {png}" if _plot(rows, png) else " (install matplotlib for a chart)"
+    print(f"wrote {out_dir}/core_demo.json{chart}")
     return rows

@@ -34,15 +34,7 @@ def main():
         },
         torch_dtype=dtype,
     )
-    if args.use_fp8_t5_encoder:
-        from optimum.quanto import freeze, qfloat8, quantize
-
-        quantize(pipe.text_encoder_2, weights=qfloat8)
-        freeze(pipe.text_encoder_2)
-    if args.enable_sequential_cpu_offload:
-        pipe.enable_sequential_cpu_offload(gpu_id=common.device().index)
-    else:
-        pipe = pipe.to(common.device())
+    pipe = common.place(pipe, args, "text_encoder_2", offload=args.enable_sequential_cpu_offload)
     common.prepare(pipe, input_config, steps=input_config.num_inference_steps)
 
     output, elapsed, peak = common.generate(

@@ -25,12 +25,7 @@ def main():
         engine_config=engine_config,
         torch_dtype=common.dtype(torch.float16),
     )
-    if args.use_fp8_t5_encoder:
-        from optimum.quanto import freeze, qfloat8, quantize
-
-        quantize(pipe.text_encoder, weights=qfloat8)
-        freeze(pipe.text_encoder)
-    pipe = pipe.to(common.device())
+    pipe = common.place(pipe, args, "text_encoder")
     common.prepare(pipe, input_config)
 
     output, elapsed, peak = common.generate(

@@ -32,12 +32,7 @@ def main():
     model = engine_config.model_config.model
     transformer = xFuserQwenImageTransformerWrapper.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
     pipe = QwenImagePipeline.from_pretrained(model, transformer=transformer, torch_dtype=dtype)
-    if args.use_fp8_t5_encoder:  # xDiT's flag for its text encoders; Qwen-Image's is Qwen2.5-VL
-        from optimum.quanto import freeze, qfloat8, quantize
-
-        quantize(pipe.text_encoder, weights=qfloat8)
-        freeze(pipe.text_encoder)
-    pipe = pipe.to(common.device())
+    pipe = common.place(pipe, args, "text_encoder")  # xDiT's flag for its text encoders; Qwen-Image's is Qwen2.5-VL
     initialize_runtime_state(pipe, engine_config)
 
     output, elapsed, peak = common.generate(

@@ -45,6 +45,20 @@ def dtype(gpu_dtype: torch.dtype) -> torch.dtype:
     return gpu_dtype if torch.cuda.is_available() else torch.float32
 
 
+def place(pipe, args, text_encoder: str, offload: bool = False):
+    """xDiT's ``--use_fp8_t5_encoder`` (FP8 weights for ``pipe.<text_encoder>``), then move to ``device()``
+    (or, with ``offload``, diffusers' sequential CPU offload onto it)."""
+    if args.use_fp8_t5_encoder:
+        from optimum.quanto import freeze, qfloat8, quantize
+
+        quantize(getattr(pipe, text_encoder), weights=qfloat8)
+        freeze(getattr(pipe, text_encoder))
+    if offload:
+        pipe.enable_sequential_cpu_offload(gpu_id=device().index)
+        return pipe
+    return pipe.to(device())
+
+
 def prepare(pipe, input_config, **kwargs) -> None:
     """xfuser's ``prepare_run`` warm-up on GPU; skipped on CPU (it builds ``torch.Generator("cuda")``)."""
     if torch.cuda.is_available():

@@ -95,7 +95,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             # report, then raise with every traceback so the root cause is among them.
             deadline = min(deadline, time.monotonic() + _GRACE_S)
         if errors:
-            raise WorkerError("\n\n".join(f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(errors.items())))
+            silent = sorted(set(range(world_size)) - set(outs) - set(errors))
+            note = (f"\n\nranks {silent} of {world_size} neither finished nor failed within {_GRACE_S:.0f} s of the "
+                    f"first failure (hung?) and were killed" if silent else "")
+            raise WorkerError("\n\n".join(f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(errors.items()))
+                              + note)
     finally:
         for p in procs:
             if p.is_alive():

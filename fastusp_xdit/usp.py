@@ -30,6 +30,7 @@ from . import layout
 from .comm import all_to_all, ring_shift
 from .comm.fp8 import FP8Options, encoded_row_bytes, fp8_encode
 from .comm.packing import pack, part_size, unpack, wire_dtype
+from .consistency import check_call
 from .ops import attention_with_lse, lse_merge, select_backend
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -81,7 +82,9 @@ def _validate_and_plan(q, k, v, joint, joint_strategy, ulysses_group, ring_group
     _check(q.shape[0] == k.shape[0], f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}")
     _check(q.shape[3] == k.shape[3], f"head_dim differs: query {q.shape[3]}, key {k.shape[3]}")
     hq, hkv = q.shape[1], k.shape[1]
-    _check(hkv > 0 and hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    _check(hq > 0 and hkv > 0 and q.shape[3] > 0,
+           f"query heads ({hq}), key/value heads ({hkv}) and head_dim ({q.shape[3]}) must all be >= 1")
+    _check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     ulysses, u_rank = _degree_rank(ulysses_group)
     ring, r_rank = _degree_rank(ring_group)
     _check(hq >= ulysses, f"ulysses degree {ulysses} exceeds the {hq} attention heads: "
@@ -89,7 +92,10 @@ def _validate_and_plan(q, k, v, joint, joint_strategy, ulysses_group, ring_group
     sp_rank, n = r_rank * ulysses + u_rank, ulysses * ring
     lengths = []
     for name, t, total in (("query", q, seq_len_q), ("key/value", k, seq_len_kv)):
-        total = t.shape[2] * n if total is None else int(total)
+        _check(total is None or (isinstance(total, (int, torch.SymInt)) and total >= 0),
+               f"seq_len_{'q' if name == 'query' else 'kv'} must be a non-negative int (the global length) or None, "
+               f"got {total!r}")
+        total = t.shape[2] * n if total is None else total
         expected = layout.shard_sizes(total, ulysses, ring)[sp_rank]
         _check(t.shape[2] == expected,
                f"this rank (sequence-parallel rank {sp_rank} of {n}) holds {t.shape[2]} {name} tokens, but a "
@@ -353,9 +359,18 @@ def usp_attention(
     Returns:
         (B, H, [joint_q +] S_local, D) in the input dtype, memory in token-major order.
     """
-    fp8 = _fp8_options(fp8, query)
-    plan = _validate_and_plan(query, key, value, (joint_query, joint_key, joint_value), joint_strategy,
-                              ulysses_group, ring_group, seq_len_q, seq_len_kv)
+    rejected = None
+    try:
+        fp8 = _fp8_options(fp8, query)
+        plan = _validate_and_plan(query, key, value, (joint_query, joint_key, joint_value), joint_strategy,
+                                  ulysses_group, ring_group, seq_len_q, seq_len_kv)
+    except ValueError as e:
+        rejected = e
+    # Ranks must agree before any data collective (first call of a process, or every call with
+    # FASTUSP_CHECK_CONSISTENCY=1); re-raises ``rejected``, after the other ranks have heard of it.
+    check_call(query, key, value, rejected=rejected, ulysses_group=ulysses_group, ring_group=ring_group,
+               seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, joint=(joint_query, joint_key, joint_value),
+               joint_strategy=joint_strategy, scale=scale, kv_hook=kv_hook, fp8=fp8)
     if backend is None:
         backend = select_backend(query, key)
     if key.shape[1] < plan.ulysses:

@@ -1,6 +1,6 @@
-"""Compile level: xfuser's FLUX.1 transformer forward with fastusp traces whole (ring included).
+"""Compile level: xfuser's FLUX.1 and SD3 transformer forwards with fastusp trace whole (ring included).
 
-Each job loads the tiny FLUX pipeline through xfuser, captures the transformer's inputs from a real
+Each job loads a tiny pipeline through xfuser, captures the transformer's inputs from a real
 1-step pipeline call, then checks on every rank: ``torch._dynamo.explain`` finds one graph and zero
 graph breaks, and ``torch.compile(fullgraph=True)`` gives the eager output (aot_eager in the default
 suite; Inductor in the slow suite, where CPU code generation for 4 processes on 2 cores takes minutes).
@@ -24,18 +24,20 @@ def _sample(out):
     return out if isinstance(out, torch.Tensor) else out.sample
 
 
-def compile_job(path: str, ulysses: int, ring: int, backend: str, compiler: str) -> dict:
+def compile_job(path: str, ulysses: int, ring: int, backend: str, compiler: str, model: str = "flux") -> dict:
     from fastusp_xdit.xdit import activate
 
     activate()
     from torch import _dynamo
-    from xfuser import xFuserArgs, xFuserFluxPipeline
+    from xfuser import xFuserArgs, xFuserFluxPipeline, xFuserStableDiffusion3Pipeline
     from xfuser.core.distributed import init_distributed_environment
 
     init_distributed_environment()
+    size = 16 if model == "flux" else 8
     engine_config, _ = xFuserArgs(model=path, ulysses_degree=ulysses, ring_degree=ring, attention_backend=backend,
-                                  height=16, width=16, num_inference_steps=1, output_type="latent").create_config()
-    pipe = xFuserFluxPipeline.from_pretrained(pretrained_model_name_or_path=path, engine_config=engine_config)
+                                  height=size, width=size, num_inference_steps=1, output_type="latent").create_config()
+    cls = xFuserFluxPipeline if model == "flux" else xFuserStableDiffusion3Pipeline
+    pipe = cls.from_pretrained(pretrained_model_name_or_path=path, engine_config=engine_config)
     forward, captured = pipe.transformer.forward, []
 
     def spy(*args, **kwargs):
@@ -43,8 +45,9 @@ def compile_job(path: str, ulysses: int, ring: int, backend: str, compiler: str)
         return forward(*args, **kwargs)
 
     pipe.transformer.forward = spy
-    pipe(height=16, width=16, prompt="a cat", num_inference_steps=1, output_type="latent",
-         generator=torch.Generator().manual_seed(0), guidance_scale=3.5, max_sequence_length=8)
+    extra = dict(guidance_scale=3.5, max_sequence_length=8) if model == "flux" else dict(guidance_scale=5.0)
+    pipe(height=size, width=size, prompt="a cat", num_inference_steps=1, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **extra)
     pipe.transformer.forward = forward
     args, kwargs = captured[0]
     with torch.no_grad():  # as in the pipelines: the attention ops are inference-only
@@ -65,9 +68,17 @@ def tiny_flux():
         yield build_tiny_flux(f"{root}/flux")
 
 
-def _check(tiny_flux, ulysses, ring, backend, compiler):
-    for rank, res in enumerate(run_distributed(compile_job, ulysses * ring, tiny_flux, ulysses, ring, backend,
-                                               compiler, timeout=600)):
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    from fastusp_xdit.xdit.tiny import build_tiny_sd3
+
+    with tempfile.TemporaryDirectory() as root:
+        yield build_tiny_sd3(f"{root}/sd3")
+
+
+def _check(path, ulysses, ring, backend, compiler, model="flux"):
+    for rank, res in enumerate(run_distributed(compile_job, ulysses * ring, path, ulysses, ring, backend,
+                                               compiler, model, timeout=600)):
         assert res["breaks"] == 0 and res["graphs"] == 1, f"rank {rank}: {res}"
         assert res["err"] <= TOL[compiler], f"rank {rank}: compiled vs eager {res['err']:.3g}"
 
@@ -76,6 +87,12 @@ def _check(tiny_flux, ulysses, ring, backend, compiler):
                                                   (2, 1, "fastusp_fp8")])
 def test_flux_transformer_traces_whole(tiny_flux, ulysses, ring, backend):
     _check(tiny_flux, ulysses, ring, backend, "aot_eager")
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_sd3_transformer_traces_whole(tiny_sd3, ulysses, ring):
+    """SD3 runs xfuser's joint "rear" path (text not divisible by the degree)."""
+    _check(tiny_sd3, ulysses, ring, "fastusp", "aot_eager", model="sd3")
 
 
 @pytest.mark.slow

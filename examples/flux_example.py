@@ -40,11 +40,6 @@ def main():
     output, elapsed, peak = common.generate(
         pipe,
         input_config,
-        height=input_config.height,
-        width=input_config.width,
-        prompt=input_config.prompt,
-        num_inference_steps=input_config.num_inference_steps,
-        output_type=input_config.output_type,
         max_sequence_length=input_config.max_sequence_length,
         guidance_scale=input_config.guidance_scale,
     )

@@ -38,14 +38,9 @@ def main():
     output, elapsed, peak = common.generate(
         pipe,
         input_config,
-        height=input_config.height,
-        width=input_config.width,
-        prompt=input_config.prompt,
         negative_prompt=input_config.negative_prompt,
         true_cfg_scale=input_config.guidance_scale,
-        num_inference_steps=input_config.num_inference_steps,
         max_sequence_length=input_config.max_sequence_length,
-        output_type=input_config.output_type,
     )
     common.save_and_finish(output, "qwen_image", engine_args, engine_config, input_config, elapsed, peak,
                            is_dp_last_group())

@@ -31,14 +31,9 @@ def main():
     output, elapsed, peak = common.generate(
         pipe,
         input_config,
-        height=input_config.height,
-        width=input_config.width,
-        prompt=input_config.prompt,
         negative_prompt=input_config.negative_prompt,
-        num_inference_steps=input_config.num_inference_steps,
         max_sequence_length=input_config.max_sequence_length,
         guidance_scale=input_config.guidance_scale,
-        output_type=input_config.output_type,
     )
     common.save_and_finish(output, "stable_diffusion_3", engine_args, engine_config, input_config, elapsed, peak,
                            pipe.is_dp_last_group())

@@ -65,13 +65,16 @@ def prepare(pipe, input_config, **kwargs) -> None:
         pipe.prepare_run(input_config, **kwargs)
 
 
-def generate(pipe, input_config, **call_kwargs):
-    """One timed pipeline call with the run's seed; returns ``(output, seconds, peak GPU bytes or 0)``."""
+def generate(pipe, input_config, **model_kwargs):
+    """One timed pipeline call on the run's size, prompt, steps, output type and seed, plus the
+    model's own ``model_kwargs``; returns ``(output, seconds, peak GPU bytes or 0)``."""
     dev = device()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.time()
-    output = pipe(generator=torch.Generator(device=dev).manual_seed(input_config.seed), **call_kwargs)
+    output = pipe(height=input_config.height, width=input_config.width, prompt=input_config.prompt,
+                  num_inference_steps=input_config.num_inference_steps, output_type=input_config.output_type,
+                  generator=torch.Generator(device=dev).manual_seed(input_config.seed), **model_kwargs)
     elapsed = time.time() - start
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     return output, elapsed, peak

@@ -32,11 +32,11 @@ everything else runs :func:`encode_torch` / :func:`decode_torch`. No autograd: i
 from __future__ import annotations
 
 import dataclasses
-import functools
-import warnings
 from typing import ClassVar
 
 import torch
+
+from ..triton_gate import kernels_on
 
 E4M3_MAX = 448.0
 SCALE_BYTES = 4
@@ -143,17 +143,9 @@ def decode_torch(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q * scale).to(dtype).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_on(device_index: int) -> bool:
     """Whether the Triton kernels serve this CUDA device (needs triton and native e4m3: sm >= 8.9)."""
-    if torch.cuda.get_device_capability(device_index) < (8, 9):
-        return False
-    try:
-        from . import fp8_triton  # noqa: F401
-    except ImportError as e:
-        warnings.warn(f"FP8 codec: triton unavailable ({e}); using the slower torch implementation")
-        return False
-    return True
+    return kernels_on("fastusp_xdit.comm.fp8_triton", device_index, (8, 9), "FP8 codec")
 
 
 def _kernels(t: torch.Tensor):

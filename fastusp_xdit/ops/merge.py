@@ -13,9 +13,10 @@ requested output dtype; everywhere else, and as the reference, it is :func:`merg
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
+
+from ..triton_gate import kernels_on
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,17 +37,9 @@ def merge_torch(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: to
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_on(device_index: int) -> bool:
-    """Whether the Triton kernel serves this CUDA device (needs triton and sm >= 8.0)."""
-    if torch.cuda.get_device_capability(device_index) < (8, 0):
-        return False
-    try:
-        from . import merge_triton  # noqa: F401
-    except ImportError as e:
-        warnings.warn(f"LSE merge: triton unavailable ({e}); using the slower torch implementation")
-        return False
-    return True
+    """Whether the Triton kernels serve this CUDA device (needs triton and sm >= 8.0)."""
+    return kernels_on("fastusp_xdit.ops.merge_triton", device_index, (8, 0), "LSE merge")
 
 
 def _kernel_takes(a, a_lse, b, b_lse, dtype) -> bool:

@@ -1,6 +1,7 @@
 """One attention layer under ``fastusp_xdit.usp_attention`` on N processes, for every (ulysses, ring).
 
-Per factorization of N (ulysses <= heads): eager and ``torch.compile(fullgraph=True)`` time, error
+Per factorization of N (ulysses <= heads) and head-group count (``--head-groups``, Ulysses > 1 only:
+``usp_attention(head_groups=G)`` pipelining): eager and ``torch.compile(fullgraph=True)`` time, error
 against single-device attention over the whole sequence, and peak memory per rank. Pure-ring
 configurations also run an all-gather ring (one all-gather of every K/V block, then per-block
 attention + LSE merge: the rotater stock xfuser uses), defined only here, to compare memory with
@@ -79,13 +80,14 @@ def _bench_fastusp(cfg, q, k, v, ref) -> list:
         args = [layout.shard(t, 2, sp, u, r) for t in (q, k, v)]
         want = layout.shard(ref, 2, sp, u, r)
         kw = dict(ulysses_group=ug, ring_group=rg, seq_len_q=s, seq_len_kv=s)
-        variants = [("fastusp", mode, fn, fp8) for fp8 in dict.fromkeys(("none", cfg["fp8"]))
+        variants = [("fastusp", mode, fn, fp8, hg) for fp8 in dict.fromkeys(("none", cfg["fp8"]))
+                    for hg in (cfg["head_groups"] if u > 1 else [1])
                     for mode, fn in (("eager", usp_attention), ("compiled", compiled)) if fn is not None]
         if u == 1 and r > 1:
-            variants.append(("allgather_ring_reference", "eager", allgather_ring, "none"))
-        for impl, mode, fn, fp8 in variants:
-            extra = {} if fp8 == "none" else {"fp8": fp8}
-            rows.append({"ulysses": u, "ring": r, "impl": impl, "mode": mode, "fp8": fp8,
+            variants.append(("allgather_ring_reference", "eager", allgather_ring, "none", 1))
+        for impl, mode, fn, fp8, hg in variants:
+            extra = ({} if fp8 == "none" else {"fp8": fp8}) | ({"head_groups": hg} if hg > 1 else {})
+            rows.append({"ulysses": u, "ring": r, "impl": impl, "mode": mode, "fp8": fp8, "head_groups": hg,
                          **_measure(lambda: fn(*args, **kw, **extra), want, cfg)})
     return rows
 
@@ -205,6 +207,7 @@ def parse_args(argv=None):
     ap.add_argument("--link-iters", type=int, help="lone calls per size (default 20 CUDA, 3 CPU)")
     ap.add_argument("--fp8", default="qvo,k,ring_kv",
                     help="FP8 spec timed besides bf16 (usp_attention's fp8=; 'none' to skip)")
+    ap.add_argument("--head-groups", default="1,2,4", help="usp_attention head_groups counts timed at Ulysses > 1")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-xfuser", action="store_true", help="skip stock xfuser USP")
     ap.add_argument("--seed", type=int, default=0)
@@ -233,6 +236,9 @@ def parse_args(argv=None):
     default_sizes = [2 ** i * 10 ** 6 for i in range(7)] if cuda else [4096, 16384, 65536]
     args.link_sizes = [int(float(x)) for x in args.link_sizes.split(",")] if args.link_sizes else default_sizes
     args.link_iters = args.link_iters or (20 if cuda else 3)
+    args.head_groups = [int(x) for x in args.head_groups.split(",")]
+    if any(g < 1 for g in args.head_groups):
+        ap.error("--head-groups takes integers >= 1, e.g. 1,2,4")
     return args
 
 
@@ -240,7 +246,7 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     cfg = {"device": args.device, "shape": args.shape, "dtype": args.dtype, "configs": args.configs,
            "iters": args.iters, "warmup": args.warmup, "compile": not args.no_compile, "fp8": args.fp8,
-           "xfuser": not args.no_xfuser,
+           "xfuser": not args.no_xfuser, "head_groups": args.head_groups,
            "link_sizes": args.link_sizes, "link_iters": args.link_iters, "seed": args.seed}
     per_rank = run_distributed(worker, args.world, cfg, timeout=args.timeout,
                                backend="nccl" if args.device == "cuda" else "gloo")
@@ -258,7 +264,8 @@ def main(argv=None) -> str:
     print(f"one device, whole sequence: {single:.4g} ms; "
           f"ideal per rank at {args.world}: {single / args.world:.4g} ms")
     for row in result["fastusp"] + xf.get("rows", []):
-        name = f"{row['impl']:<24} u{row['ulysses']} r{row['ring']} {row['mode']:<22} fp8 {row['fp8']:<13}"
+        name = (f"{row['impl']:<24} u{row['ulysses']} r{row['ring']} g{row.get('head_groups', 1)} {row['mode']:<22} "
+                f"fp8 {row['fp8']:<13}")
         if "error" in row:
             print(f"{name} failed: {row['error']}")
         else:

@@ -5,11 +5,14 @@
 2. LSE merge (``fastusp_xdit.ops.merge_into``) and a plain copy, GB/s, eager and compiled;
 3. ring emulation: K/V split in R blocks (R = 2, 4, 8), attention per block + LSE merge, eager and
    ``torch.compile(fullgraph=True)``, time relative to one attention call over all keys (goal:
-   <= 1.05x) and peak memory.
+   <= 1.05x) and peak memory; and the R block attention calls alone (no merge), which splits the
+   overhead into attention on shorter key blocks and merging;
+4. head groups: the heads of one Ulysses rank (H/2, as at Ulysses 2) attended in G calls of H/(2G)
+   heads against one call, the compute side of ``usp_attention(head_groups=G)``.
 
 Fixed iteration counts after a warm-up, CUDA events on GPU (never triton's do_bench). Writes
 ``$OUT/micro-<device>.json`` (default ``benchmarks/results``) with a ``profile`` section in
-``fastusp_xdit.plan``'s schema (attn_tflops, copy_gbps, ring_step_overhead), and a PNG of the
+``fastusp_xdit.plan``'s schema (attn_tflops, copy_gbps, ring_step_overhead, head_group_ratios), and a PNG of the
 ring-emulation overhead against R.
 
     python benchmarks/micro.py                  # CUDA, FLUX shape (1, 24, 4608, 128) bf16
@@ -167,12 +170,29 @@ def bench_ring(q, k, v, args) -> tuple:
             rows.append({"blocks": r, "mode": mode, "ms": ms, "ratio": ms / single_ms,
                          "goal_met": ms / single_ms <= GOAL, "max_abs_err_vs_single": err,
                          "peak_bytes": peak_bytes(fn, args.device)})
+        ks, vs = k.chunk(r, dim=2), v.chunk(r, dim=2)
+        ms = timed(lambda: [attention_with_lse(q, kb, vb, backend=backend) for kb, vb in zip(ks, vs)],
+                   args.iters, args.warmup, args.device)
+        rows.append({"blocks": r, "mode": "attention only", "ms": ms, "ratio": ms / single_ms})
     return single, rows
+
+
+def bench_head_groups(q, k, v, args) -> list:
+    """One Ulysses-2 rank's heads in G attention calls vs one call (the compute of head groups)."""
+    backend = select_backend(q, k)
+    q, k, v = (t[:, :max(1, t.shape[1] // 2)] for t in (q, k, v))
+    rows = []
+    for g in [1] + [g for g in args.head_groups if 1 < g <= q.shape[1]]:
+        parts = [t.tensor_split(g, dim=1) for t in (q, k, v)]
+        ms = timed(lambda: [attention_with_lse(*p, backend=backend) for p in zip(*parts)], args.iters,
+                   args.warmup, args.device)
+        rows.append({"groups": g, "heads": q.shape[1], "ms": ms, "ratio": ms / rows[0]["ms"] if rows else 1.0})
+    return rows
 
 
 def ring_step_overhead(rows: list):
     """Least-squares slope of (ratio - 1) over (R - 1), through the origin, compiled rows if any ran."""
-    ok = [r for r in rows if "ratio" in r]
+    ok = [r for r in rows if "ratio" in r and r["mode"] != "attention only"]
     mode = "compiled" if any(r["mode"] == "compiled" for r in ok) else "eager"
     pts = [(r["blocks"] - 1, r["ratio"] - 1) for r in ok if r["mode"] == mode]
     if not pts:
@@ -212,6 +232,7 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, help="timed calls (default 50 CUDA, 3 CPU)")
     ap.add_argument("--warmup", type=int, help="untimed calls first (default 10 CUDA, 1 CPU)")
     ap.add_argument("--rings", default="2,4,8", help="ring block counts R")
+    ap.add_argument("--head-groups", default="2,3,4,6", help="head group counts G (of one Ulysses-2 rank's heads)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
@@ -224,6 +245,7 @@ def parse_args(argv=None):
     args.iters = args.iters or (50 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.rings = [int(x) for x in args.rings.split(",")]
+    args.head_groups = [int(x) for x in args.head_groups.split(",")]
     return args
 
 
@@ -234,16 +256,18 @@ def main(argv=None) -> str:
     attention = bench_attention(q, k, v, args)
     memory_ops = bench_memory_ops(q, args)
     single, ring = bench_ring(q, k, v, args)
+    groups = bench_head_groups(q, k, v, args)
     tflops = next(r["tflops"] for r in attention if r.get("backend") == single["backend"])
     result = {**header(args.device),
               "config": {"shape": list(args.shape), "dtype": str(args.dtype).replace("torch.", ""),
                          "iters": args.iters, "warmup": args.warmup},
               "attention": attention, "memory_ops": memory_ops,
-              "ring_emulation": {"goal_ratio": GOAL, "single": single, "rows": ring},
+              "ring_emulation": {"goal_ratio": GOAL, "single": single, "rows": ring}, "head_groups": groups,
               "profile": {"attn_tflops": tflops, "copy_gbps": memory_ops["copy"]["gbps"]}}
     overhead = ring_step_overhead(ring)
     if overhead is not None:
         result["profile"]["ring_step_overhead"] = overhead
+    result["profile"]["head_group_ratios"] = [[r["groups"], r["ratio"]] for r in groups if r["groups"] > 1]
     png = out_path(f"micro-{args.device}-ring.png")
     result["plot"] = os.path.basename(png) if plot(ring, png) else None
     path = write_json(result, f"micro-{args.device}.json")
@@ -256,6 +280,8 @@ def main(argv=None) -> str:
         print(f"ring emulation R={r['blocks']} {r['mode']:<8} " + (
             f"{r['ms']:.4g} ms = {r['ratio']:.2f}x one {single['backend']} call (goal {GOAL}x)" if "ms" in r
             else f"failed: {r['error']}"))
+    for r in groups:
+        print(f"head groups G={r['groups']} of {r['heads']} heads {r['ms']:.4g} ms = {r['ratio']:.2f}x one call")
     print(f"wrote {path}")
     return path
 

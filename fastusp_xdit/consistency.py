@@ -43,6 +43,7 @@ FIELDS = (
     "fp8",  # bits: 1 qvo, 2 k, 4 ring_kv; -1 unparseable
     "scale",  # float64 bits of the effective softmax scale
     "kv_hook",
+    "head_groups",  # as requested (-1 if not an int)
     "nonfinite_fp8_input",  # 1 if FP8 is on and an input holds inf/nan (FASTUSP_CHECK_CONSISTENCY=1 only)
 )
 PER_RANK = ("rank", "local_len_q", "local_len_kv", "nonfinite_fp8_input")
@@ -107,7 +108,7 @@ def _nonfinite(tensors) -> int:
 
 
 def call_signature(query, key, value, *, ulysses_group, ring_group, seq_len_q, seq_len_kv, joint, joint_strategy,
-                   scale, kv_hook, fp8, rejected: bool, values: bool = False) -> tuple[int, ...]:
+                   scale, kv_hook, fp8, rejected: bool, head_groups=1, values: bool = False) -> tuple[int, ...]:
     """Encode one ``usp_attention`` call as ``len(FIELDS)`` ints; unreadable arguments encode as -1.
     ``values``: also test FP8 inputs for inf/nan (a pass over them and a host sync)."""
     u = 1 if ulysses_group is None else ulysses_group.size()
@@ -127,6 +128,7 @@ def call_signature(query, key, value, *, ulysses_group, ring_group, seq_len_q, s
         joint_strategy=_code(joint_strategy, _JOINT),
         joint_len_q=0 if jq is None else _dim(jq, 2), joint_len_kv=0 if jk is None else _dim(jk, 2),
         fp8=fp8_bits, scale=_float_bits(scale) if scale is not None else -1, kv_hook=int(kv_hook is not None),
+        head_groups=head_groups if isinstance(head_groups, int) else -1,
         nonfinite_fp8_input=_nonfinite((query, key, value, jq, jk, jv)) if values and fp8_bits > 0 else 0,
     )
     return tuple(sig[f] for f in FIELDS)

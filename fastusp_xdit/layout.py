@@ -16,7 +16,7 @@ def split_sizes(total: int, parts: int) -> list[int]:
     """Balanced contiguous split of ``total`` items into ``parts`` pieces (larger pieces first)."""
     if parts <= 0:
         raise ValueError(f"parts must be positive, got {parts}")
-    base, extra = divmod(total, parts)
+    base, extra = total // parts, total % parts  # not divmod: SymInts under torch.compile lack it
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 

@@ -11,8 +11,11 @@ world size and a device :class:`Profile` of measured numbers. Per attention laye
   packed, two per tensor unpacked: permute before, permute after);
 * ring (R > 1): ``R-1`` transfers of the K/V block at the p2p link; with ``overlap`` each transfer
   hides behind the previous block's compute (``(R-1)*max(c, p) + c``), else ``R*c + (R-1)*p``;
-* ``overlap`` with ring 1 pipelines the Ulysses all-to-alls by head groups (``chunks`` groups,
-  the best divisor of the local heads is chosen): a two-resource schedule, link then compute;
+* ``overlap`` pipelines the Ulysses all-to-alls by head groups (``chunks`` groups, as
+  ``usp_attention(head_groups=chunks)`` cuts them: balanced, the best count is chosen): a
+  two-resource schedule, link then compute. A profile's ``head_group_ratios`` ((G, time of G calls
+  / one call) at one Ulysses-2 rank's heads, from benchmarks/micro.py) prices the smaller kernels
+  and limits G to the measured counts; without it any G is considered at no compute cost;
 * ``fp8`` (an ``FP8Options`` spec: which of Q/V/O, K, the ring's K/V travel in FP8) scales those
   tensors' wire bytes by ``(D+4)/(2D)`` (e4m3 payload + an fp32 scale per (token, head) row; 0.516
   at D=128) and replaces their pack copy by an encode and a decode at ``codec_gbps`` (bytes read +
@@ -152,6 +155,7 @@ class Profile:
     copy_gbps: float
     codec_gbps: float
     ring_step_overhead: float
+    head_group_ratios: tuple = ()
     a2a: Optional[Link] = None
     p2p: Optional[Link] = None
     measured_steps: tuple = field(default=())
@@ -166,19 +170,22 @@ class Profile:
         if missing:
             raise ValueError(f"device profile lacks {', '.join(missing)}: start from a complete profile, e.g. "
                              f"--device-profile h200x2 --device-profile <file.json>")
-        unknown = set(d) - set(_REQUIRED) - {"a2a", "p2p", "measured_steps"}
+        unknown = set(d) - set(_REQUIRED) - set(_OPTIONAL)
         if unknown:
             raise ValueError(f"unknown device profile keys {sorted(unknown)}: allowed are "
-                             f"{', '.join(_REQUIRED + ('a2a', 'p2p', 'measured_steps'))}")
+                             f"{', '.join(_REQUIRED + _OPTIONAL)}")
         links = {k: None if d.get(k) is None else Link(float(d[k]["latency_s"]),
                                                        tuple((float(b), float(g)) for b, g in d[k]["points"]))
                  for k in ("a2a", "p2p")}
         steps = tuple(Measurement(m["source"], Model(**m["model"]), Choice(**m["choice"]), float(m["seconds"]))
                       for m in d.get("measured_steps", ()))
-        return cls(name=str(d["name"]), **{k: float(d[k]) for k in _REQUIRED[1:]}, measured_steps=steps, **links)
+        return cls(name=str(d["name"]), **{k: float(d[k]) for k in _REQUIRED[1:]},
+                   head_group_ratios=tuple((int(g), float(x)) for g, x in d.get("head_group_ratios", ())),
+                   measured_steps=steps, **links)
 
 
 _REQUIRED = ("name", "attn_tflops", "dense_tflops", "copy_gbps", "codec_gbps", "ring_step_overhead")
+_OPTIONAL = ("head_group_ratios", "a2a", "p2p", "measured_steps")
 
 
 def calibrate(profile: Profile, model: Model, step_1gpu_s: float) -> Profile:
@@ -229,6 +236,8 @@ _H200X2 = {
     "copy_gbps": 3020.0,         # "HBM copy 3020 GB/s": the H100 row, no H200 row (a lower bound on H200)
     "codec_gbps": 2115.0,        # "FP8 quant compiled 2115 GB/s": the H100 row, no H200 row
     "ring_step_overhead": _RING_STEP_OVERHEAD,  # H100 rows, see above
+    # One H200: 12 heads (a Ulysses-2 rank's) in G cuDNN calls / one call (benchmarks/results/micro-h200.json).
+    "head_group_ratios": [[2, 1.021], [3, 1.490], [4, 1.775], [6, 2.599]],
     # "NCCL all_to_all_single, 8 MB / 64 MB buffer, each call timed alone: 56 / 241 GB/s bus" (2 ranks:
     # half the buffer crosses the link) -> 63 us latency, 456 GB/s.
     "a2a": _lone_calls([(8e6, 56.0), (64e6, 241.0)], wire_fraction=0.5),
@@ -297,9 +306,9 @@ def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[in
                f"machine and pass --device-profile {profile.name} "
                f"--device-profile benchmarks/results/dist_layer-cuda-w<N>.json")
     if choice.chunks is not None:
-        heads = max(layout.head_split(model.heads, model.heads, u)[0])
-        _check(choice.chunks >= 1 and heads % choice.chunks == 0,
-               f"chunks={choice.chunks} must divide the {heads} heads per Ulysses rank")
+        heads = min(layout.head_split(model.heads, model.heads, u)[0])
+        _check(1 <= choice.chunks <= heads, f"chunks={choice.chunks} must be in [1, {heads}], the heads per "
+               f"Ulysses rank")
 
 
 def _pipeline(ins, comps, outs) -> float:
@@ -329,11 +338,14 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
 
     compute = 4.0 * model.batch * heads * block * model.tokens * d / (p.attn_tflops * 1e12)
     compute *= 1 + p.ring_step_overhead * (r - 1)
-    # Ring: R-1 transfers of the packed K/V block, each hidden behind a block's compute when overlapping.
-    kv = 2 * model.batch * heads * block * d * _BF16
-    step_c = compute / r
-    xfer = p.p2p.time(kv * wire(fp8.ring_kv), kv * wire(fp8.ring_kv)) if r > 1 else 0.0
-    ring = (r - 1) * max(step_c, xfer) + step_c if ch.overlap else r * step_c + (r - 1) * xfer
+    kv = 2 * model.batch * heads * block * d * _BF16  # the packed K/V ring block
+
+    def ring(frac: float) -> float:
+        """Attention of ``frac`` of the local heads; R-1 K/V transfers, hidden behind compute with overlap."""
+        step_c = compute * frac / r
+        xfer = p.p2p.time(kv * frac * wire(fp8.ring_kv), kv * frac * wire(fp8.ring_kv)) if r > 1 else 0.0
+        return (r - 1) * max(step_c, xfer) + step_c if ch.overlap else r * step_c + (r - 1) * xfer
+
     # Layout work, bytes read + written: a pack/unpack copy per bf16 tensor sent (two unpacked), an
     # encode and a decode per FP8 tensor (bf16 side + FP8 side), FP8 ring blocks decoded on arrival.
     tensor = model.batch * model.heads * shard * d * _BF16  # one of Q/K/V/O, this rank's shard
@@ -350,7 +362,7 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
         codec += r * kv * (1 + f8)  # encode the own block, decode R-1 arrivals
     lay = codec / (p.codec_gbps * 1e9) + copy / (p.copy_gbps * 1e9)
     if u == 1:
-        return ring + lay, compute, lay, 1
+        return ring(1.0) + lay, compute, lay, 1
 
     def a2a(buf):
         return p.a2a.time(buf, buf * (u - 1) / u)
@@ -358,15 +370,18 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
     factors = (wire(fp8.qvo), wire(fp8.k), wire(fp8.qvo))  # Q, K, V
 
     def ulysses(g: int) -> float:
-        qkv = a2a(tensor * sum(factors) / g) if ch.packed else sum(a2a(tensor * w / g) for w in factors)
-        o = a2a(tensor * wire(fp8.qvo) / g)
-        if g == 1:
-            return qkv + ring + o
-        return _pipeline([qkv] * g, [ring / g] * g, [o] * g)
+        fracs = [h / heads for h in layout.split_sizes(heads, g)]
+        qkv = [a2a(tensor * sum(factors) * f) if ch.packed else sum(a2a(tensor * w * f) for w in factors)
+               for f in fracs]
+        comps = [ring(f) * dict(p.head_group_ratios).get(g, 1.0) for f in fracs]
+        outs = [a2a(tensor * wire(fp8.qvo) * f) for f in fracs]
+        return _pipeline(qkv, comps, outs)
 
-    if ch.overlap and r == 1:
-        options = [ch.chunks] if ch.chunks else [g for g in range(1, heads + 1) if heads % g == 0]
-        g = min(options, key=ulysses)
+    if ch.overlap:
+        most = min(layout.head_split(model.heads, model.heads, u)[0])
+        counts = [1] + [g for g, _ in p.head_group_ratios if 1 < g <= most] if p.head_group_ratios else \
+            range(1, most + 1)
+        g = min([ch.chunks] if ch.chunks else counts, key=ulysses)
     else:
         g = 1
     return ulysses(g) + lay, compute, lay, g

@@ -14,6 +14,11 @@ equal to single-device attention over the whole sequence. Data flow per call:
 3. one all-to-all over the Ulysses group returns (all heads, local tokens), joint query tokens
    included at the front or rear.
 
+With ``head_groups = G > 1`` (Ulysses > 1) every peer's heads are cut into G contiguous groups that
+run steps 1-3 as a pipeline: group g+1's input all-to-all is issued before group g's attention, and
+each group's output all-to-all is waited for only at the end, so transfers overlap attention (eager:
+functional collectives wait at first use; compiled: the graph keeps the order for Inductor).
+
 Internally every activation is *token-major*: memory order (tokens, [K|V], batch, heads, head_dim),
 so per-peer pieces, ring blocks and output rows are contiguous slices along dim 0. All split sizes
 come from :mod:`fastusp_xdit.layout` (global shapes only), so every rank issues identical
@@ -21,7 +26,7 @@ collectives; every check runs before the first collective and raises ``ValueErro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -48,84 +53,108 @@ class _Plan:
     kv_shards: list  # key/value tokens of each Ulysses peer (this ring block)
     q_heads: list    # query heads each Ulysses peer owns after the all-to-all
     kv_heads: list
+    q_starts: list   # first query head of each peer's range in the input tensors
+    kv_starts: list
     kv_blocks: list  # key/value tokens of every ring block
     joint_q: int     # joint query tokens (replicated)
     joint_kv: int    # joint key/value tokens (replicated)
     front: bool      # joint tokens before (True) or after the sequence tokens
 
     def heads(self, kind: str) -> tuple[int, int]:
-        sizes = self.q_heads if kind == "q" else self.kv_heads
-        start = layout.offsets(sizes)[self.u_rank]
-        return start, start + sizes[self.u_rank]
+        """This rank's head range ``[lo, hi)`` of the input tensors."""
+        sizes, starts = (self.q_heads, self.q_starts) if kind == "q" else (self.kv_heads, self.kv_starts)
+        return starts[self.u_rank], starts[self.u_rank] + sizes[self.u_rank]
+
+    def head_groups(self, requested: int) -> "list[_Plan]":
+        """Plans of ``min(requested, fewest K/V heads of a peer)`` head groups (one when Ulysses is 1):
+        each peer's range is cut into contiguous sub-ranges, query heads following their K/V heads."""
+        n = min(requested, *self.kv_heads) if self.ulysses > 1 else 1
+        if n <= 1:
+            return [self]
+        rep = self.q_heads[0] // self.kv_heads[0]
+        cuts = [layout.split_sizes(h, n) for h in self.kv_heads]
+        plans = []
+        for g in range(n):
+            kv = [c[g] for c in cuts]
+            starts = [s + layout.offsets(c)[g] for s, c in zip(self.kv_starts, cuts)]
+            plans.append(replace(self, q_heads=[rep * h for h in kv], kv_heads=kv,
+                                 q_starts=[rep * s for s in starts], kv_starts=starts))
+        return plans
 
 
 def _degree_rank(group) -> tuple[int, int]:
     return (1, 0) if group is None else (group.size(), group.rank())
 
 
-def _check(cond: bool, msg: str):
+def _check(cond: bool, msg: Callable[[], str]):
+    """Raise ``ValueError(msg())``; the message is built only on failure (under ``torch.compile``
+    with dynamic shapes, formatting symbolic sizes would break the graph)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg())
 
 
 def _validate_and_plan(q, k, v, joint, joint_strategy, ulysses_group, ring_group, seq_len_q, seq_len_kv):
     jq, jk, jv = joint
     for name, t in (("query", q), ("key", k), ("value", v)):
         _check(isinstance(t, torch.Tensor) and t.dim() == 4,
-               f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor, got "
+               lambda: f"{name} must be a 4-D (batch, heads, seq, head_dim) tensor, got "
                f"{getattr(t, 'shape', type(t).__name__)}: transpose BSHD inputs with .transpose(1, 2)")
         _check(t.dtype.is_floating_point and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-               f"{name} has dtype {t.dtype}: pass float16, bfloat16, float32 or float64 tensors")
-    _check(q.dtype == k.dtype == v.dtype, f"query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
-    _check(q.device == k.device == v.device, "query/key/value are on different devices: move them to one device")
-    _check(k.shape == v.shape, f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same shape")
-    _check(q.shape[0] == k.shape[0], f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}")
-    _check(q.shape[3] == k.shape[3], f"head_dim differs: query {q.shape[3]}, key {k.shape[3]}")
+               lambda: f"{name} has dtype {t.dtype}: pass float16, bfloat16, float32 or float64 tensors")
+    _check(q.dtype == k.dtype == v.dtype,
+           lambda: f"query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+    _check(q.device == k.device == v.device,
+           lambda: "query/key/value are on different devices: move them to one device")
+    _check(k.shape == v.shape, lambda: f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same shape")
+    _check(q.shape[0] == k.shape[0], lambda: f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}")
+    _check(q.shape[3] == k.shape[3], lambda: f"head_dim differs: query {q.shape[3]}, key {k.shape[3]}")
     hq, hkv = q.shape[1], k.shape[1]
     _check(hq > 0 and hkv > 0 and q.shape[3] > 0,
-           f"query heads ({hq}), key/value heads ({hkv}) and head_dim ({q.shape[3]}) must all be >= 1")
-    _check(hq % hkv == 0, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+           lambda: f"query heads ({hq}), key/value heads ({hkv}) and head_dim ({q.shape[3]}) must all be >= 1")
+    _check(hq % hkv == 0, lambda: f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     ulysses, u_rank = _degree_rank(ulysses_group)
     ring, r_rank = _degree_rank(ring_group)
-    _check(hq >= ulysses, f"ulysses degree {ulysses} exceeds the {hq} attention heads: "
+    _check(hq >= ulysses, lambda: f"ulysses degree {ulysses} exceeds the {hq} attention heads: "
            f"use a ulysses degree <= {hq} and a larger ring degree")
     sp_rank, n = r_rank * ulysses + u_rank, ulysses * ring
     lengths = []
     for name, t, total in (("query", q, seq_len_q), ("key/value", k, seq_len_kv)):
         _check(total is None or (isinstance(total, (int, torch.SymInt)) and total >= 0),
-               f"seq_len_{'q' if name == 'query' else 'kv'} must be a non-negative int (the global length) or None, "
-               f"got {total!r}")
+               lambda: f"seq_len_{'q' if name == 'query' else 'kv'} must be a non-negative int (the global length) "
+               f"or None, got {total!r}")
         total = t.shape[2] * n if total is None else total
         expected = layout.shard_sizes(total, ulysses, ring)[sp_rank]
         _check(t.shape[2] == expected,
-               f"this rank (sequence-parallel rank {sp_rank} of {n}) holds {t.shape[2]} {name} tokens, but a "
+               lambda: f"this rank (sequence-parallel rank {sp_rank} of {n}) holds {t.shape[2]} {name} tokens, but a "
                f"global length of {total} gives it {expected}: shard with fastusp_xdit.layout.shard() and pass "
                f"the global length as seq_len_{'q' if name == 'query' else 'kv'}")
         lengths.append(total)
     if jq is not None or jk is not None or jv is not None:
         _check(joint_strategy in ("front", "rear"),
-               f"joint_strategy must be 'front' or 'rear' when joint tensors are given, got {joint_strategy!r}")
-        _check((jk is None) == (jv is None), "pass joint_key and joint_value together")
+               lambda: f"joint_strategy must be 'front' or 'rear' when joint tensors are given, got {joint_strategy!r}")
+        _check((jk is None) == (jv is None), lambda: "pass joint_key and joint_value together")
         for name, t, heads in (("joint_query", jq, hq), ("joint_key", jk, hkv), ("joint_value", jv, hkv)):
             if t is None:
                 continue
             _check(t.dim() == 4 and t.shape[0] == q.shape[0] and t.shape[1] == heads and t.shape[3] == q.shape[3],
-                   f"{name} must be (batch={q.shape[0]}, heads={heads}, seq, head_dim={q.shape[3]}), the full "
+                   lambda: f"{name} must be (batch={q.shape[0]}, heads={heads}, seq, head_dim={q.shape[3]}), the full "
                    f"replicated tensor; got {tuple(t.shape)}")
-            _check(t.dtype == q.dtype and t.device == q.device, f"{name} must match query's dtype and device")
+            _check(t.dtype == q.dtype and t.device == q.device, lambda: f"{name} must match query's dtype and device")
         if jk is not None:
-            _check(jk.shape == jv.shape, f"joint_key {tuple(jk.shape)} and joint_value {tuple(jv.shape)} differ")
+            _check(jk.shape == jv.shape,
+                   lambda: f"joint_key {tuple(jk.shape)} and joint_value {tuple(jv.shape)} differ")
     elif joint_strategy is not None:
-        _check(joint_strategy in ("front", "rear"), f"joint_strategy must be 'front', 'rear' or None, got {joint_strategy!r}")
+        _check(joint_strategy in ("front", "rear"),
+               lambda: f"joint_strategy must be 'front', 'rear' or None, got {joint_strategy!r}")
     joint_kv = 0 if jk is None else jk.shape[2]
-    _check(lengths[1] + joint_kv > 0, "attention over zero keys: give a non-empty key/value sequence")
+    _check(lengths[1] + joint_kv > 0, lambda: "attention over zero keys: give a non-empty key/value sequence")
     # With fewer K/V heads than Ulysses ranks, K/V heads are repeated up to the query heads first.
     kv_heads_eff = hkv if hkv >= ulysses else hq
     q_heads, kv_heads = layout.head_split(hq, kv_heads_eff, ulysses)
     q_sh = layout.shard_sizes(lengths[0], ulysses, ring)[r_rank * ulysses:(r_rank + 1) * ulysses]
     kv_sh = layout.shard_sizes(lengths[1], ulysses, ring)[r_rank * ulysses:(r_rank + 1) * ulysses]
     return _Plan(ulysses, ring, u_rank, r_rank, q_sh, kv_sh, q_heads, kv_heads,
-                 layout.block_sizes(lengths[1], ulysses, ring),
+                 layout.offsets(q_heads), layout.offsets(kv_heads), layout.block_sizes(lengths[1], ulysses, ring),
                  0 if jq is None else jq.shape[2], joint_kv, joint_strategy != "rear")
 
 
@@ -150,18 +179,19 @@ def _centered(k_tm: torch.Tensor):
     return k - mean, mean
 
 
-def _ulysses_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
-    """Packed Q|K|V all-to-all: per-peer token-major Q, K, V pieces of this rank's block."""
+def _send_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
+    """Issue the packed Q|K|V all-to-all of ``plan``'s heads; :func:`_recv_in` unpacks (and waits)."""
     b, d, dtype = q.shape[0], q.shape[3], q.dtype
-    q_off, kv_off = layout.offsets(plan.q_heads), layout.offsets(plan.kv_heads)
-    k_send, k_mean = _centered(_tm(k)) if fp8.k else (_tm(k), None)
     parts = []
     for j, (hq, hkv) in enumerate(zip(plan.q_heads, plan.kv_heads)):
-        kv_heads = slice(kv_off[j], kv_off[j] + hkv)
-        parts += [(_tm(q[:, q_off[j]:q_off[j] + hq]), fp8.qvo), (k_send[:, :, kv_heads], fp8.k)]
+        k_heads = _tm(k[:, plan.kv_starts[j]:plan.kv_starts[j] + hkv])
+        parts.append((_tm(q[:, plan.q_starts[j]:plan.q_starts[j] + hq]), fp8.qvo))
         if fp8.k:  # the fp32 mean travels raw and is added back after decoding
-            parts.append((k_mean[:, kv_heads], False))
-        parts.append((_tm(v[:, kv_heads]), fp8.qvo))
+            k_heads, mean = _centered(k_heads)
+            parts += [(k_heads, True), (mean, False)]
+        else:
+            parts.append((k_heads, False))
+        parts.append((_tm(v[:, plan.kv_starts[j]:plan.kv_starts[j] + hkv]), fp8.qvo))
     wire = wire_dtype(dtype, fp8.qvo or fp8.k)
     send = pack(parts, wire)
     hq, hkv = plan.q_heads[plan.u_rank], plan.kv_heads[plan.u_rank]
@@ -175,7 +205,13 @@ def _ulysses_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
                               for spec in peer))
         per = parts[j * len(peer):(j + 1) * len(peer)]
         send_sizes.append(sum(part_size(x.shape, x.dtype, f, wire) for x, f in per))
-    recv = unpack(all_to_all(send, recv_sizes, send_sizes, group), specs, dtype)
+    return all_to_all(send, recv_sizes, send_sizes, group), specs
+
+
+def _recv_in(pending, dtype: torch.dtype, fp8: FP8Options):
+    """Per-peer token-major Q, K, V pieces of this rank's block from :func:`_send_in`'s result."""
+    buf, specs = pending
+    recv = unpack(buf, specs, dtype)
     step = 4 if fp8.k else 3
     q_pieces = recv[0::step]
     k_pieces = ([(recv[i + 1].float() + recv[i + 2]).to(dtype) for i in range(0, len(recv), step)]
@@ -183,8 +219,8 @@ def _ulysses_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
     return q_pieces, k_pieces, recv[step - 1::step]
 
 
-def _ulysses_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options) -> torch.Tensor:
-    """Output all-to-all: token-major (rows, B, local heads, D) -> (B, all heads, local rows, D)."""
+def _send_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options):
+    """Issue the output all-to-all of token-major (rows, B, local heads, D); :func:`_recv_out` waits."""
     _, b, h, d = out_tm.shape
     jq, rows = plan.joint_q, layout.offsets(plan.q_shards)
     if jq:
@@ -203,8 +239,12 @@ def _ulysses_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options) -> t
     send_sizes = [part_size(((s + jq), b, h, d), out_tm.dtype, fp8.qvo, wire) for s in plan.q_shards]
     specs = [((s_out, b, hj, d), fp8.qvo) for hj in plan.q_heads]
     recv_sizes = [part_size(shape, out_tm.dtype, f, wire) for shape, f in specs]
-    chunks = unpack(all_to_all(send, recv_sizes, send_sizes, group), specs, out_tm.dtype)
-    return torch.cat(chunks, dim=2).permute(1, 2, 0, 3)
+    return all_to_all(send, recv_sizes, send_sizes, group), specs
+
+
+def _recv_out(pending, dtype: torch.dtype) -> list:
+    """Token-major (rows, B, heads of peer j, D) output pieces, one per Ulysses peer."""
+    return unpack(*pending, dtype)
 
 
 def _attend(q_tm, k_tm, v_tm, scale, backend):
@@ -241,14 +281,17 @@ def _ring_unwire(buf: torch.Tensor, rows: int, shape, dtype: torch.dtype, fp8: F
     return (k8 + mean).to(dtype), v8.to(dtype)
 
 
-def _ring(q_tm, own: list, plan: _Plan, group, scale, backend, fp8: FP8Options) -> torch.Tensor:
+def _ring(q_tm, own: list, plan: _Plan, group, scale, backend, fp8: FP8Options, shift=None) -> torch.Tensor:
     """Pipelined ring over ``group``: returns token-major output of ``q_tm`` against every block.
 
     ``own`` = [own K/V block, the slice of it to send], the caller's only references: the list is
     emptied, so after step 0 the own block is freed and at most two K/V blocks (the one computed on
     and the one in flight) are alive whatever the ring degree. With ``fp8.ring_kv`` the rotating
-    blocks travel FP8-encoded (K centred) and are decoded right before their attention.
+    blocks travel FP8-encoded (K centred) and are decoded right before their attention. ``shift``:
+    the transfer, default :func:`~fastusp_xdit.comm.ring_shift` (a seam for the tests' one-device
+    ring emulation).
     """
+    shift = ring_shift if shift is None else shift
     acc = lse = None
     cur, send = own
     own.clear()
@@ -262,7 +305,7 @@ def _ring(q_tm, own: list, plan: _Plan, group, scale, backend, fp8: FP8Options) 
         nxt = None
         if step + 1 < plan.ring:  # issue the next block's transfer before computing on this one
             recv_rows = plan.kv_blocks[(plan.r_rank - step - 1) % plan.ring]
-            nxt = ring_shift(send, _ring_wire_size(recv_rows, shape, fp8), group)
+            nxt = shift(send, _ring_wire_size(recv_rows, shape, fp8), group)
         if rows and q_tm.shape[0]:
             k, v = (cur[:, 0], cur[:, 1]) if step == 0 else _ring_unwire(cur, rows, shape, dtype, fp8)
             out, out_lse = _attend(q_tm, k, v, scale, backend)
@@ -293,19 +336,17 @@ def _own_block(k_pieces: list, v_pieces: list) -> torch.Tensor:
     return block
 
 
-def _blocks(query, key, value, joint, plan: _Plan, group, kv_hook, fp8: FP8Options):
-    """This rank's token-major query rows and K/V rows after the all-to-all, joint tokens included.
+def _blocks(pieces, joint, plan: _Plan, kv_hook):
+    """This rank's token-major query rows and K/V rows from the per-peer ``pieces`` (Q, K, V lists),
+    joint tokens included.
 
-    Returns ``(q, kv)``: ``kv`` is ``(k, v)`` views for ring degree 1, else one packed (S, 2, B, H, D)
-    block that the ring rotates.
+    Returns ``(q, [kv])``: ``kv`` is ``(k, v)`` views for ring degree 1, else one packed (S, 2, B, H, D)
+    block that the ring rotates (in a list, which :func:`_local` empties: no caller keeps the block).
     """
     q_lo, q_hi = plan.heads("q")
     kv_lo, kv_hi = plan.heads("kv")
     joint_query, joint_key, joint_value = joint
-    if plan.ulysses > 1:
-        q_pieces, k_pieces, v_pieces = _ulysses_in(query, key, value, plan, group, fp8)
-    else:
-        q_pieces, k_pieces, v_pieces = [_tm(query)], [_tm(key)], [_tm(value)]
+    q_pieces, k_pieces, v_pieces = pieces
     jq = None if joint_query is None else _tm(joint_query[:, q_lo:q_hi])
     q_tm = _rows(_with_joint(q_pieces, jq, plan.front))
     if kv_hook is not None:
@@ -315,8 +356,21 @@ def _blocks(query, key, value, joint, plan: _Plan, group, kv_hook, fp8: FP8Optio
         k_pieces = _with_joint(k_pieces, _tm(joint_key[:, kv_lo:kv_hi]), plan.front)
         v_pieces = _with_joint(v_pieces, _tm(joint_value[:, kv_lo:kv_hi]), plan.front)
     if plan.ring == 1:
-        return q_tm, (_rows(k_pieces), _rows(v_pieces))
-    return q_tm, _own_block(k_pieces, v_pieces)
+        return q_tm, [(_rows(k_pieces), _rows(v_pieces))]
+    return q_tm, [_own_block(k_pieces, v_pieces)]
+
+
+def _local(q_tm, holder: list, plan: _Plan, ring_group, scale, backend, fp8: FP8Options, kv_hook):
+    """Token-major output of this rank's query rows against the whole sequence (the ring when R > 1)."""
+    own = holder.pop()
+    if plan.ring == 1:
+        return _attend(q_tm, *own, scale, backend)[0] if q_tm.shape[0] else q_tm.new_empty(q_tm.shape)
+    rows = own.shape[0] - plan.joint_kv
+    if kv_hook is not None:
+        plan = replace(plan, kv_blocks=[rows] * plan.ring)
+    blocks = [own, own[plan.joint_kv:] if plan.front else own[:rows]]
+    del own
+    return _ring(q_tm, blocks, plan, ring_group, scale, backend, fp8)
 
 
 def usp_attention(
@@ -336,6 +390,7 @@ def usp_attention(
     kv_hook: Optional[KVHook] = None,
     backend: Optional[str] = None,
     fp8: "FP8Options | str | None" = None,
+    head_groups: int = 1,
 ) -> torch.Tensor:
     """Bidirectional attention over a sequence sharded across ``ulysses_group x ring_group``.
 
@@ -355,6 +410,9 @@ def usp_attention(
         fp8: FP8 communication (:class:`fastusp_xdit.comm.fp8.FP8Options` or its spec string, e.g.
             ``"qvo"``, ``"qvo,k"``, ``"qvo,k,ring_kv"``); ``None`` sends the input dtype. K is sent
             centred on its per-head channel mean (added back after decoding); the LSE stays fp32.
+        head_groups: pipeline the Ulysses all-to-alls with attention over this many head groups
+            (capped by the K/V heads per Ulysses rank; 1 with Ulysses 1 or a ``kv_hook``, whose
+            cache holds a rank's whole head range).
 
     Returns:
         (B, H, [joint_q +] S_local, D) in the input dtype, memory in token-major order.
@@ -362,6 +420,9 @@ def usp_attention(
     rejected = None
     try:
         fp8 = _fp8_options(fp8, query)
+        if not isinstance(head_groups, (int, torch.SymInt)) or head_groups < 1:
+            raise ValueError(f"head_groups must be an int >= 1, got {head_groups!r}")
+        head_groups = int(head_groups)  # a host decision: torch.compile specializes on it
         plan = _validate_and_plan(query, key, value, (joint_query, joint_key, joint_value), joint_strategy,
                                   ulysses_group, ring_group, seq_len_q, seq_len_kv)
     except ValueError as e:
@@ -370,7 +431,7 @@ def usp_attention(
     # FASTUSP_CHECK_CONSISTENCY=1); re-raises ``rejected``, after the other ranks have heard of it.
     check_call(query, key, value, rejected=rejected, ulysses_group=ulysses_group, ring_group=ring_group,
                seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, joint=(joint_query, joint_key, joint_value),
-               joint_strategy=joint_strategy, scale=scale, kv_hook=kv_hook, fp8=fp8)
+               joint_strategy=joint_strategy, scale=scale, kv_hook=kv_hook, fp8=fp8, head_groups=head_groups)
     if backend is None:
         backend = select_backend(query, key)
     if key.shape[1] < plan.ulysses:
@@ -378,19 +439,21 @@ def usp_attention(
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         if joint_key is not None:
             joint_key, joint_value = joint_key.repeat_interleave(rep, 1), joint_value.repeat_interleave(rep, 1)
-    q_tm, own = _blocks(query, key, value, (joint_query, joint_key, joint_value), plan, ulysses_group, kv_hook, fp8)
-    if plan.ring == 1:
-        out_tm = _attend(q_tm, *own, scale, backend)[0] if q_tm.shape[0] else q_tm.new_empty(q_tm.shape)
-    else:
-        rows = own.shape[0] - plan.joint_kv
-        if kv_hook is not None:
-            plan = _Plan(**{**plan.__dict__, "kv_blocks": [rows] * plan.ring})
-        blocks = [own, own[plan.joint_kv:] if plan.front else own[:rows]]
-        del own
-        out_tm = _ring(q_tm, blocks, plan, ring_group, scale, backend, fp8)
-    if plan.ulysses > 1:
-        return _ulysses_out(out_tm.contiguous(), plan, ulysses_group, fp8)
-    return out_tm.permute(1, 2, 0, 3)
+    joint = (joint_query, joint_key, joint_value)
+    local = (ring_group, scale, backend, fp8, kv_hook)
+    if plan.ulysses == 1:
+        q_tm, own = _blocks(([_tm(query)], [_tm(key)], [_tm(value)]), joint, plan, kv_hook)
+        return _local(q_tm, own, plan, *local).permute(1, 2, 0, 3)
+    plans = plan.head_groups(head_groups if kv_hook is None else 1)
+    pending, outs = _send_in(query, key, value, plans[0], ulysses_group, fp8), []
+    for g, group_plan in enumerate(plans):
+        # the next group's input all-to-all is in flight while this group attends
+        nxt = _send_in(query, key, value, plans[g + 1], ulysses_group, fp8) if g + 1 < len(plans) else None
+        q_tm, own = _blocks(_recv_in(pending, query.dtype, fp8), joint, group_plan, kv_hook)
+        outs.append(_send_out(_local(q_tm, own, group_plan, *local).contiguous(), group_plan, ulysses_group, fp8))
+        pending = nxt
+    pieces = [_recv_out(o, query.dtype) for o in outs]  # [group][peer]; heads run peer-major, then group
+    return torch.cat([p[j] for j in range(plan.ulysses) for p in pieces], dim=2).permute(1, 2, 0, 3)
 
 
 def _fp8_options(fp8, query: torch.Tensor) -> FP8Options:
@@ -400,8 +463,8 @@ def _fp8_options(fp8, query: torch.Tensor) -> FP8Options:
         raise ValueError(f"fp8 must be an FP8Options, a spec string like 'qvo,k' or None, got {fp8!r}")
     if opts != _NO_FP8:
         _check(query.dtype in (torch.float16, torch.bfloat16, torch.float32),
-               f"FP8 communication takes float16/bfloat16/float32 inputs, got {query.dtype}: pass fp8=None")
-        _check(query.shape[-1] % 4 == 0, f"FP8 communication needs head_dim % 4 == 0, got {query.shape[-1]}: "
+               lambda: f"FP8 communication takes float16/bfloat16/float32 inputs, got {query.dtype}: pass fp8=None")
+        _check(query.shape[-1] % 4 == 0, lambda: f"FP8 communication needs head_dim % 4 == 0, got {query.shape[-1]}: "
                "pass fp8=None")
     return opts
 

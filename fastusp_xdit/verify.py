@@ -4,7 +4,7 @@ A *case* is a dict: ``ulysses, ring, batch, heads, kv_heads, seq_q, seq_kv, head
 (``"float32"``...), optional ``joint`` (``"front"``/``"rear"``) with ``joint_len``, ``seed``,
 ``compile`` (also run ``torch.compile(fullgraph=True)``, with ``compile_mode`` if given), ``iters`` (timed repetitions), ``fp8`` (an
 FP8 spec such as ``"qvo"``: also reports the error against the same run without FP8) and
-``device`` (``"cuda"`` puts the shards on this rank's GPU; the reference stays on the CPU) and
+``head_groups`` (``usp_attention``'s), ``device`` (``"cuda"`` puts the shards on this rank's GPU; the reference stays on the CPU) and
 ``outliers`` (a factor: a few channels of V that much larger, and K offset by that much in a few
 channels, the outlier patterns of real activations; Q is RMS-normalised in DiTs). Every rank
 draws the same global tensors from the seed, runs :func:`usp_attention` on its shard and compares with
@@ -91,7 +91,8 @@ def run_case(case: dict, groups) -> dict:
     jq, jk, jv = (None if t is None else t.to(device) for t in joint)
     args = [layout.shard(t, 2, sp_rank, u, r).to(device) for t in (q, k, v)]
     kwargs = dict(ulysses_group=ug, ring_group=rg, seq_len_q=q.shape[2], seq_len_kv=k.shape[2],
-                  joint_query=jq, joint_key=jk, joint_value=jv, joint_strategy=case.get("joint"))
+                  joint_query=jq, joint_key=jk, joint_value=jv, joint_strategy=case.get("joint"),
+                  head_groups=case.get("head_groups", 1))
     if case.get("fp8"):
         raw = usp_attention(*args, **kwargs)
         kwargs["fp8"] = case["fp8"]

@@ -11,6 +11,7 @@ import pytest
 from fastusp_xdit import plan as P
 
 H200 = P.load_profile("h200x2")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
 MB = 1e6  # DESIGN.md counts megabytes in powers of ten (7 MB = one 14.16e6-byte tensor / 2)
 
 # The model's stated error on the one measured multi-GPU step: within 5% (it is +0.2% today).
@@ -155,8 +156,8 @@ def test_invalid_input_raises_value_error_naming_the_fix():
         P.plan(P.FLUX, P.load_profile("h100"), 2)
     with pytest.raises(ValueError, match="FP8 spec 'qkv'"):
         P.predict(P.FLUX, H200, P.Choice(2, 1, fp8="qkv"))
-    with pytest.raises(ValueError, match="must divide the 12 heads"):
-        P.predict(P.FLUX, H200, P.Choice(2, 1, overlap=True, chunks=5))
+    with pytest.raises(ValueError, match=r"chunks=13 must be in \[1, 12\]"):
+        P.predict(P.FLUX, H200, P.Choice(2, 1, overlap=True, chunks=13))
 
 
 def test_cli_prints_a_ranked_table(capsys):
@@ -179,3 +180,22 @@ def test_module_entry_point_runs():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     assert "speedup" in proc.stdout
+
+
+def test_head_group_ratios_decide_the_chunk_count():
+    """Head-group pipelining pays when the link time it hides exceeds the measured cost of smaller kernels;
+    only measured group counts are considered."""
+    free = replace(H200, head_group_ratios=())
+    assert P.predict(P.FLUX, free, P.Choice(2, 1, overlap=True)).choice.chunks > 1  # link latency bounds G
+    h200 = P.predict(P.FLUX, H200, P.Choice(2, 1, overlap=True))
+    assert h200.choice.chunks in {1} | {g for g, _ in H200.head_group_ratios}
+    assert h200.step_s <= P.predict(P.FLUX, H200, P.Choice(2, 1, overlap=True, chunks=1)).step_s
+    costly = replace(H200, head_group_ratios=((2, 1.5), (4, 3.0)))
+    assert P.predict(P.FLUX, costly, P.Choice(2, 1, overlap=True)).choice.chunks == 1
+    assert P.Profile.from_dict(H200.to_dict()).head_group_ratios == H200.head_group_ratios
+
+
+def test_builtin_h200_head_group_ratios_are_the_recorded_measurement():
+    with open(os.path.join(RESULTS, "micro-h200.json")) as f:
+        recorded = json.load(f)["profile"]["head_group_ratios"]
+    assert H200.head_group_ratios == tuple((g, pytest.approx(x, abs=5e-4)) for g, x in recorded)

@@ -22,6 +22,9 @@ from .targets import check_module
 VARIANTS: dict[str, tuple[str, dict]] = {
     "FASTUSP": ("FastUSP", {}),
     "FASTUSP_FP8": ("FastUSP, FP8 Q/V/O all-to-all", {"fp8": "qvo"}),
+    # all-to-alls pipelined with attention over 2 head groups: 2 is the one count whose smaller cuDNN
+    # calls cost ~2% on an H200 (benchmarks/results/micro-h200.json); the gain awaits a 2-GPU run.
+    "FASTUSP_PIPELINED": ("FastUSP, all-to-alls pipelined over 2 head groups", {"head_groups": 2}),
 }
 
 # enum member -> extra usp_attention kwargs; filled when xfuser's attention_backend module loads.

@@ -1,13 +1,15 @@
-"""Tiny random-weight FLUX.1 and SD3 pipelines, built offline in a few seconds (no hub access).
+"""Tiny random-weight FLUX.1, SD3 and Qwen-Image pipelines, built offline in a few seconds (no hub access).
 
 Components are sized like diffusers' own test dummies, with 4 attention heads so Ulysses degrees 2 and
 4 divide them. Tokenizers are built from an in-memory character vocabulary (CLIP BPE without merges,
-T5 unigram). The saved folder loads with ``FluxPipeline`` / ``StableDiffusion3Pipeline`` and with
-xfuser's ``xFuserFluxPipeline`` / ``xFuserStableDiffusion3Pipeline``.
+T5 unigram, Qwen2 byte-level BPE without merges). The saved folder loads with ``FluxPipeline`` /
+``StableDiffusion3Pipeline`` / ``QwenImagePipeline`` and with xfuser's ``xFuserFluxPipeline`` /
+``xFuserStableDiffusion3Pipeline`` / ``xFuserQwenImageTransformerWrapper`` (its transformer).
 
 Sizes: FLUX has VAE scale factor 1 and packs 2x2 latents, so ``height`` and ``width`` must be even
-(16 x 16 -> 64 image tokens); SD3 has VAE scale factor 1 and patch size 1 (8 x 8 -> 64 tokens). Text
-tokens: CLIP 77, T5 ``max_sequence_length``.
+(16 x 16 -> 64 image tokens); SD3 has VAE scale factor 1 and patch size 1 (8 x 8 -> 64 tokens); Qwen-Image
+has VAE scale factor 4 and packs 2x2 latents (32 x 32 -> 16 tokens). Text tokens: CLIP 77, T5
+``max_sequence_length``, Qwen one per prompt character.
 """
 from __future__ import annotations
 
@@ -111,5 +113,50 @@ def build_tiny_sd3(path, seed: int = 0) -> str:
             tokenizer_2=_clip_tokenizer(),
             text_encoder_3=_t5_encoder(t5_tok),
             tokenizer_3=t5_tok,
+        )
+    return _save(pipe, path)
+
+
+def _qwen_tokenizer():
+    from transformers import Qwen2Tokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # GPT-2 byte map
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tokenizer = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(byte_chars + specials)}, merges=[],
+                               model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
+
+
+def build_tiny_qwen_image(path, seed: int = 0) -> str:
+    """Save a tiny random Qwen-Image pipeline (1 block, 4 heads x 16; 2-layer Qwen2.5-VL) to ``path``; return it."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_tokenizer()
+    vocab = tokenizer.get_vocab()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, rope_theta=1e6, vocab_size=len(vocab),
+                    rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+        config = Qwen2_5_VLConfig(
+            text_config=text, hidden_size=16, vocab_size=len(vocab),
+            vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+            vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+            image_token_id=vocab["<|image_pad|>"])
+        pipe = QwenImagePipeline(
+            transformer=QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                                    attention_head_dim=16, num_attention_heads=4,
+                                                    joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
+            vae=AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                       temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                       latents_std=[1.0] * 4),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+            tokenizer=tokenizer,
         )
     return _save(pipe, path)

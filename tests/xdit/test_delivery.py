@@ -96,7 +96,7 @@ def test_pth_hook_activates_at_first_xfuser_import(tmp_path):
     res = _result(_python(["-c", _HOOK_PROBE, str(tmp_path)]))
     assert res["before"] == {"trigger": True, "xfuser": [], "activated": False}, res
     after = res["after"]
-    assert after["members"] == ["FASTUSP", "FASTUSP_FP8"], after
+    assert after["members"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED"], after
     assert after["usp"] == after["usp_copied_by_value"] == "fastusp_xdit.xdit.usp_adapter", after
     assert after["package_complete"] and after["same_package"], after
     assert not after["trigger"] and after["activated"], after
@@ -166,7 +166,7 @@ def test_run_script_and_module_as_main_after_activation(tmp_path):
     script.write_text(_SCRIPT)
     res = _result(_python(["-m", "fastusp_xdit.run", str(script), "--prompt", "a cat", "-m"], env=no_hook))
     assert res == {"name": "__main__", "argv": [str(script), "--prompt", "a cat", "-m"],
-                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8"]}, res
+                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED"]}, res
 
     (tmp_path / "probe_module.py").write_text(_MODULE)
     res = _result(_python(["-m", "fastusp_xdit.run", "-m", "probe_module", "x", "--y"], env=no_hook,

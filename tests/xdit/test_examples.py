@@ -99,44 +99,6 @@ def _build_tiny_pixart_sigma(path: Path) -> str:
     return str(path)
 
 
-def _build_tiny_qwen_image(path: Path) -> str:
-    """Tiny random Qwen-Image (1 block, 4 heads x 16; 2-layer Qwen2.5-VL on a byte-level vocabulary)."""
-    import torch
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    byte_chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # GPT-2 byte map
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
-    vocab = {c: i for i, c in enumerate(byte_chars + specials)}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1024)
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=2, rope_theta=1e6, vocab_size=len(vocab),
-                    rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
-        config = Qwen2_5_VLConfig(
-            text_config=text, hidden_size=16, vocab_size=len(vocab),
-            vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-            vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-            image_token_id=vocab["<|image_pad|>"])
-        QwenImagePipeline(
-            transformer=QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                                    attention_head_dim=16, num_attention_heads=4,
-                                                    joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
-            vae=AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                       temperal_downsample=[False, True], latents_mean=[0.0] * 4,
-                                       latents_std=[1.0] * 4),
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            text_encoder=Qwen2_5_VLForConditionalGeneration(config),
-            tokenizer=tokenizer,
-        ).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.slow
 def test_pixartsigma_example_as_plain_script(tmp_path):
     model = _build_tiny_pixart_sigma(tmp_path / "tiny_pixart")
@@ -147,7 +109,9 @@ def test_pixartsigma_example_as_plain_script(tmp_path):
 
 @pytest.mark.slow
 def test_qwenimage_example_as_plain_script(tmp_path):
-    model = _build_tiny_qwen_image(tmp_path / "tiny_qwen")
+    from fastusp_xdit.xdit.tiny import build_tiny_qwen_image
+
+    model = build_tiny_qwen_image(tmp_path / "tiny_qwen")
     image = _torchrun(2, [str(REPO / "examples" / "qwenimage_example.py")],
                       _common_args(model, 32, "--ulysses_degree", "2", "--guidance_scale", "2.0",
                                    "--negative_prompt", " "), tmp_path)

@@ -1,4 +1,4 @@
-"""Compile level: xfuser's FLUX.1 and SD3 transformer forwards with fastusp trace whole (ring included).
+"""Compile level: xfuser's FLUX.1, SD3 and Qwen-Image transformer forwards with fastusp trace whole (ring included).
 
 Each job loads a tiny pipeline through xfuser, captures the transformer's inputs from a real
 1-step pipeline call, then checks on every rank: ``torch._dynamo.explain`` finds one graph and zero
@@ -30,14 +30,22 @@ def compile_job(path: str, ulysses: int, ring: int, backend: str, compiler: str,
     activate()
     from torch import _dynamo
     from xfuser import xFuserArgs, xFuserFluxPipeline, xFuserStableDiffusion3Pipeline
-    from xfuser.core.distributed import init_distributed_environment
+    from xfuser.core.distributed import init_distributed_environment, initialize_runtime_state
 
     init_distributed_environment()
-    size = 16 if model == "flux" else 8
+    size = {"flux": 16, "sd3": 8, "qwen": 32}[model]
     engine_config, _ = xFuserArgs(model=path, ulysses_degree=ulysses, ring_degree=ring, attention_backend=backend,
                                   height=size, width=size, num_inference_steps=1, output_type="latent").create_config()
-    cls = xFuserFluxPipeline if model == "flux" else xFuserStableDiffusion3Pipeline
-    pipe = cls.from_pretrained(pretrained_model_name_or_path=path, engine_config=engine_config)
+    if model == "qwen":  # xfuser 0.7.0 has no Qwen-Image pipeline: build what its runner (and our example) builds
+        from diffusers import QwenImagePipeline
+        from xfuser.model_executor.models.transformers.transformer_qwen import xFuserQwenImageTransformerWrapper
+
+        transformer = xFuserQwenImageTransformerWrapper.from_pretrained(path, subfolder="transformer")
+        pipe = QwenImagePipeline.from_pretrained(path, transformer=transformer)
+        initialize_runtime_state(pipe, engine_config)
+    else:
+        cls = xFuserFluxPipeline if model == "flux" else xFuserStableDiffusion3Pipeline
+        pipe = cls.from_pretrained(pretrained_model_name_or_path=path, engine_config=engine_config)
     forward, captured = pipe.transformer.forward, []
 
     def spy(*args, **kwargs):
@@ -45,7 +53,8 @@ def compile_job(path: str, ulysses: int, ring: int, backend: str, compiler: str,
         return forward(*args, **kwargs)
 
     pipe.transformer.forward = spy
-    extra = dict(guidance_scale=3.5, max_sequence_length=8) if model == "flux" else dict(guidance_scale=5.0)
+    extra = {"flux": dict(guidance_scale=3.5, max_sequence_length=8), "sd3": dict(guidance_scale=5.0),
+             "qwen": dict(true_cfg_scale=2.0, negative_prompt=" ", max_sequence_length=8)}[model]
     pipe(height=size, width=size, prompt="a cat", num_inference_steps=1, output_type="latent",
          generator=torch.Generator().manual_seed(0), **extra)
     pipe.transformer.forward = forward
@@ -76,6 +85,14 @@ def tiny_sd3():
         yield build_tiny_sd3(f"{root}/sd3")
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    from fastusp_xdit.xdit.tiny import build_tiny_qwen_image
+
+    with tempfile.TemporaryDirectory() as root:
+        yield build_tiny_qwen_image(f"{root}/qwen")
+
+
 def _check(path, ulysses, ring, backend, compiler, model="flux"):
     for rank, res in enumerate(run_distributed(compile_job, ulysses * ring, path, ulysses, ring, backend,
                                                compiler, model, timeout=600)):
@@ -93,6 +110,12 @@ def test_flux_transformer_traces_whole(tiny_flux, ulysses, ring, backend):
 def test_sd3_transformer_traces_whole(tiny_sd3, ulysses, ring):
     """SD3 runs xfuser's joint "rear" path (text not divisible by the degree)."""
     _check(tiny_sd3, ulysses, ring, "fastusp", "aot_eager", model="sd3")
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)])
+def test_qwenimage_transformer_traces_whole(tiny_qwen, ulysses, ring):
+    """Qwen-Image joins text and image before USP (no joint tensors); the first of its two CFG calls is traced."""
+    _check(tiny_qwen, ulysses, ring, "fastusp", "aot_eager", model="qwen")
 
 
 @pytest.mark.slow

@@ -69,8 +69,8 @@ def test_targets_parsing_and_late_activate():
     assert res["members_before"] == []
     assert res["rebound"] == [True, True, True], "module globals / instance attributes still hold xfuser's USP"
     assert res["stock_kept"]
-    assert res["members_after"] == ["FASTUSP", "FASTUSP_FP8"], "activate() must be idempotent"
-    assert res["usp_kwargs"] == {"FASTUSP": {}, "FASTUSP_FP8": {"fp8": "qvo"}}
+    assert res["members_after"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED"], "activate() must be idempotent"
+    assert res["usp_kwargs"] == {"FASTUSP": {}, "FASTUSP_FP8": {"fp8": "qvo"}, "FASTUSP_PIPELINED": {"head_groups": 2}}
     assert res["parsed"] == ["FASTUSP_FP8", "FASTUSP", ["FASTUSP", "SDPA_FLASH", "FASTUSP_FP8"]]
     err = res["changed_error"]
     assert err is not None and "USP takes" in err and "_has_kv_cache is missing" in err, err

@@ -164,10 +164,14 @@ def usp_job(ulysses: int, ring: int, seed: int, compile_check: bool) -> dict:
     res["plain"] = _errors(USP(ql, kl, vl), stock(ql, kl, vl), ref)
     state.attention_backend = A.FASTUSP_FP8  # the FP8 row of backend.VARIANTS: fp8="qvo"
     fp8 = USP(ql, kl, vl)
+    state.attention_backend = A.FASTUSP_PIPELINED  # head_groups=2
+    pipelined = USP(ql, kl, vl)
     state.attention_backend = A.FASTUSP
     groups = dict(ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
                   ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None)
     fp8_checks = (fro_err(fp8, ref), rel_err(fp8, usp_attention(ql, kl, vl, fp8="qvo", **groups)))
+    res["pipelined"] = (rel_err(pipelined, ref), None, rel_err(pipelined, usp_attention(ql, kl, vl, head_groups=2,
+                                                                                       **groups)))
     # the registry kernel (out, LSE) under xfuser's own all-to-all and ring merge, and without USP
     res["registry kernel in stock USP"] = _errors(stock_usp()(ql, kl, vl, backend=A.FASTUSP), None, ref)
     res["registry kernel in usp.attention"] = _errors(attention(q, k, v), None, reference_attention(q, k, v))

@@ -56,6 +56,7 @@ def test_demo_runs_the_tiny_flux_pipeline_and_writes_images_and_record(tmp_path,
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_core_demo_matches_float64(tmp_path):
     _cli("demo", "--core", "--heads", "4", "--seq", "128", "--head-dim", "16", "--joint", "8", "--iters", "1",
          "--out", str(tmp_path))

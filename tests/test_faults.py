@@ -66,7 +66,8 @@ def _outcomes(out_dir, world):
 
 
 @pytest.mark.parametrize("u,r,bad_rank,fault", [(2, 1, 1, "raise"), (1, 2, 0, "raise"), (2, 2, 3, "raise"),
-                                                (1, 4, 2, "raise"), (2, 1, 0, "stall")])
+                                                pytest.param(1, 4, 2, "raise", marks=pytest.mark.slow),
+                                                (2, 1, 0, "stall")])
 def test_failed_rank_makes_peers_fail_fast(u, r, bad_rank, fault, tmp_path):
     world = u * r
     t0 = time.monotonic()
@@ -118,6 +119,8 @@ def _call(case: str, odd: bool, sp_rank: int, n: int):
     elif case == "joint_strategy":
         kw.update(joint_strategy="rear" if odd else "front",
                   **{f"joint_{x}": torch.randn(1, heads, 2, head_dim) for x in ("query", "key", "value")})
+    elif case == "head_groups":  # another split of the same heads: mismatched collectives
+        kw["head_groups"] = 2 if odd else 1
     elif case == "heads":
         heads += 2 * odd
     elif case == "head_dim":
@@ -157,7 +160,7 @@ def mismatch_worker(u: int, r: int, odd_rank: int, cases: list, mode):
 MISMATCH_FIELDS = {"seq_len": "seq_len_q differs", "local_len": "seq_len_q differs",
                    "local_len_given": "key/value tokens where seq_len_kv=",
                    "dtype": "dtype_q differs", "fp8": "fp8 differs", "joint_strategy": "joint_strategy differs",
-                   "heads": "heads_q differs", "head_dim": "head_dim differs"}
+                   "heads": "heads_q differs", "head_dim": "head_dim differs", "head_groups": "head_groups differs"}
 
 
 def _check_mismatches(per_rank, cases, odd_rank):

@@ -4,13 +4,14 @@ A seeded generator (fresh seed per run, printed in every failure; ``FASTUSP_TEST
 replays it) draws cases over world sizes 2-8 and every ``ulysses x ring`` factorization of each:
 odd and zero lengths (also shorter than the world), odd head counts, GQA, joint text front/rear
 (also with no other key), batch 1-3, fp32/bf16, head_dim 4-16, Sq != Skv, and for bf16 FP8
-communication with a random spec among ``qvo`` / ``qvo,k`` / ``qvo,k,ring_kv``. Each rank compares
+communication with a random spec among ``qvo`` / ``qvo,k`` / ``qvo,k,ring_kv``, and 1-5 pipelined
+head groups (capped by the heads per Ulysses rank). Each rank compares
 its output rows with the reference at the tolerances of ``test_usp`` (max error relative to the
 largest reference element: 1e-5 fp32, 1e-2 bf16); FP8 cases compare with the same run without FP8
 at ``test_usp_fp8``'s bound (Frobenius, 3e-2 per FP8 tensor on the path, in quadrature). Workers
 run with ``FASTUSP_CHECK_CONSISTENCY=1``, so the cross-rank check sees every case (no false alarm).
 
-Cases of one world size share one spawned job (spawning costs ~5 s). The default run draws 20 cases
+Cases of one world size share one spawned job (spawning costs ~5 s). The default run draws 12 cases
 over two world sizes (one of 2-4, one of 5-8, drawn per run); ``-m slow`` runs 30 per world size
 (210 cases).
 """
@@ -26,7 +27,7 @@ from fastusp_xdit.verify import run_cases
 
 FP8_SPECS = ("qvo", "qvo,k", "qvo,k,ring_kv")
 SLOW_PER_WORLD = 30
-DEFAULT_CASES = 20
+DEFAULT_CASES = 12
 
 
 def _divisors(n: int) -> list[int]:
@@ -54,7 +55,7 @@ def draw_case(rng: random.Random, ulysses: int, ring: int) -> dict:
                 kv_heads=rng.choice(_divisors(heads)), seq_q=_length(rng, sp, True),
                 seq_kv=_length(rng, sp, joint is not None), head_dim=rng.choice([8, 16] if fp8 else [4, 6, 8, 16]),
                 dtype=dtype, joint=joint, joint_len=rng.randint(1, 5) if joint else 0, fp8=fp8,
-                seed=rng.randrange(2**31))
+                head_groups=rng.choice([1, 1, 2, 3, 5]), seed=rng.randrange(2**31))
 
 
 def cases_for_world(rng: random.Random, world: int, count: int) -> list[dict]:

@@ -265,6 +265,7 @@ def test_server_answers_good_bad_and_failing_requests_in_order_and_stops_cleanly
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_server_with_ring_degree_reports_a_dead_rank_and_fails_fast(server):
     srv = server("--ulysses_degree", "1", "--ring_degree", "2", "--collective_timeout", "60")
     status, health = srv.get("/health")

@@ -60,6 +60,7 @@ def test_step_cpu_ulysses2_eager(tmp_path, seed):
         (rows["fastusp"]["ms"] / rows["stock"]["ms"] - 1) * 100)
 
 
+@pytest.mark.slow
 def test_step_cpu_world1_compiled(tmp_path, seed):
     res, out = _run(tmp_path, 1, "stock:eager,fastusp:eager,fastusp:compile", seed)
     rows = {(r["backend"], r["mode"]): r for r in res["rows"]}

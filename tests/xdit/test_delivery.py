@@ -102,6 +102,7 @@ def test_pth_hook_activates_at_first_xfuser_import(tmp_path):
     assert not after["trigger"] and after["activated"], after
 
 
+@pytest.mark.slow
 def test_autoload_disabled_by_env(tmp_path):
     shutil.copy(PTH, tmp_path)
     res = _result(_python(["-c", _HOOK_PROBE, str(tmp_path)], env={"FASTUSP_XDIT_AUTOLOAD": "0"}))

@@ -93,7 +93,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("model,ulysses,ring,cfg", [
-    ("flux", 2, 1, False), ("flux", 1, 2, False), ("flux", 2, 2, False),
+    ("flux", 2, 1, False), ("flux", 1, 2, False), pytest.param("flux", 2, 2, False, marks=pytest.mark.slow),
     ("sd3", 2, 1, True),  # CFG parallel (xfuser refuses it for FLUX) x ulysses 2, world 4
 ])
 def test_pipeline_fastusp_matches_stock_and_single_process(tiny, model, ulysses, ring, cfg):

@@ -211,7 +211,8 @@ def usp_job(ulysses: int, ring: int, seed: int, compile_check: bool) -> dict:
             "usp_module": USP.__module__, "compiled_err": compiled_err, "fp8": fp8_checks}
 
 
-@pytest.mark.parametrize("ulysses,ring,compile_check", [(2, 1, True), (1, 2, False), (2, 2, False)])
+@pytest.mark.parametrize("ulysses,ring,compile_check", [(2, 1, True), (1, 2, False),
+                                                         pytest.param(2, 2, False, marks=pytest.mark.slow)])
 def test_usp_adapter_in_xfuser_runtime(ulysses, ring, compile_check, seed):
     results = run_distributed(usp_job, ulysses * ring, ulysses, ring, seed, compile_check, timeout=150)
     for rank, res in enumerate(results):

@@ -86,7 +86,7 @@ def _bench_fastusp(cfg, q, k, v, ref) -> list:
         if u == 1 and r > 1:
             variants.append(("allgather_ring_reference", "eager", allgather_ring, "none", 1))
         for impl, mode, fn, fp8, hg in variants:
-            extra = ({} if fp8 == "none" else {"fp8": fp8}) | ({"head_groups": hg} if hg > 1 else {})
+            extra = {"head_groups": hg} if fp8 == "none" else {"head_groups": hg, "fp8": fp8}
             rows.append({"ulysses": u, "ring": r, "impl": impl, "mode": mode, "fp8": fp8, "head_groups": hg,
                          **_measure(lambda: fn(*args, **kw, **extra), want, cfg)})
     return rows

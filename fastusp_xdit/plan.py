@@ -85,7 +85,7 @@ class Choice:
     ``fp8``: what travels in FP8, a ``fastusp_xdit.comm.fp8.FP8Options`` spec (``"none"``, ``"qvo"``,
     ``"qvo,k"``, ``"qvo,k,ring_kv"``), as ``usp_attention(fp8=...)`` takes it. ``packed``: one
     Q|K|V all-to-all (FastUSP) or three (diffusers, stock xfuser). ``chunks``: Ulysses head groups
-    when overlapping (None = the best divisor).
+    when overlapping, ``usp_attention(head_groups=chunks)`` (None = the best count).
     """
 
     ulysses: int
@@ -369,11 +369,13 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
 
     factors = (wire(fp8.qvo), wire(fp8.k), wire(fp8.qvo))  # Q, K, V
 
+    ratios = dict(p.head_group_ratios)
+
     def ulysses(g: int) -> float:
         fracs = [h / heads for h in layout.split_sizes(heads, g)]
         qkv = [a2a(tensor * sum(factors) * f) if ch.packed else sum(a2a(tensor * w * f) for w in factors)
                for f in fracs]
-        comps = [ring(f) * dict(p.head_group_ratios).get(g, 1.0) for f in fracs]
+        comps = [ring(f) * ratios.get(g, 1.0) for f in fracs]
         outs = [a2a(tensor * wire(fp8.qvo) * f) for f in fracs]
         return _pipeline(qkv, comps, outs)
 

@@ -220,7 +220,8 @@ def _recv_in(pending, dtype: torch.dtype, fp8: FP8Options):
 
 
 def _send_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options):
-    """Issue the output all-to-all of token-major (rows, B, local heads, D); :func:`_recv_out` waits."""
+    """Issue the output all-to-all of token-major (rows, B, local heads, D); ``unpack(*result, dtype)``
+    waits and gives one token-major (rows, B, heads of peer j, D) piece per Ulysses peer."""
     _, b, h, d = out_tm.shape
     jq, rows = plan.joint_q, layout.offsets(plan.q_shards)
     if jq:
@@ -240,11 +241,6 @@ def _send_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options):
     specs = [((s_out, b, hj, d), fp8.qvo) for hj in plan.q_heads]
     recv_sizes = [part_size(shape, out_tm.dtype, f, wire) for shape, f in specs]
     return all_to_all(send, recv_sizes, send_sizes, group), specs
-
-
-def _recv_out(pending, dtype: torch.dtype) -> list:
-    """Token-major (rows, B, heads of peer j, D) output pieces, one per Ulysses peer."""
-    return unpack(*pending, dtype)
 
 
 def _attend(q_tm, k_tm, v_tm, scale, backend):
@@ -452,7 +448,7 @@ def usp_attention(
         q_tm, own = _blocks(_recv_in(pending, query.dtype, fp8), joint, group_plan, kv_hook)
         outs.append(_send_out(_local(q_tm, own, group_plan, *local).contiguous(), group_plan, ulysses_group, fp8))
         pending = nxt
-    pieces = [_recv_out(o, query.dtype) for o in outs]  # [group][peer]; heads run peer-major, then group
+    pieces = [unpack(*o, query.dtype) for o in outs]  # [group][peer]; heads run peer-major, then group
     return torch.cat([p[j] for j in range(plan.ulysses) for p in pieces], dim=2).permute(1, 2, 0, 3)
 
 

@@ -119,20 +119,26 @@ def _error(e: BaseException) -> str:
 
 
 def _count_fastusp_calls(step) -> int:
-    """Run ``step`` once and count the calls that reached ``fastusp_xdit.usp_attention`` via the adapter."""
+    """Run ``step`` once and count the calls that reached fastusp via the adapter (``usp_attention``,
+    or ``usp_attention_staged`` for the FLUX overlap mode)."""
     import fastusp_xdit.xdit.usp_adapter as adapter
 
-    real, calls = adapter.usp_attention, []
+    names, calls = ("usp_attention", "usp_attention_staged"), []
+    real = {name: getattr(adapter, name) for name in names}
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real[name](*args, **kwargs)
+        return call
 
-    adapter.usp_attention = spy  # the adapter's USP looks this global up at call time
+    for name in names:  # the adapter looks these globals up at call time
+        setattr(adapter, name, spy(name))
     try:
         step()
     finally:
-        adapter.usp_attention = real
+        for name in names:
+            setattr(adapter, name, real[name])
     return len(calls)
 
 

@@ -2,7 +2,8 @@
 
 Layers, lowest first (a layer imports only those above it in this list):
 ``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives, FP8 codec) -> ``ops``
-(local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm) -> ``xdit`` (everything
+(local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm; ``usp_staged``, its
+per-projection entry) -> ``xdit`` (everything
 that touches xfuser; ``activate()``) -> entry points (``cli``, ``run``, ``demo_pipeline``, ``demo_core``,
 ``serve``, ``doctor``).
 
@@ -14,6 +15,7 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {
     "usp_attention": ".usp",
+    "usp_attention_staged": ".usp_staged",
     "attention_with_lse": ".ops",
     "merge_partials": ".ops",
     "shard": ".layout",

@@ -179,44 +179,52 @@ def _centered(k_tm: torch.Tensor):
     return k - mean, mean
 
 
-def _send_in(q, k, v, plan: _Plan, group, fp8: FP8Options):
-    """Issue the packed Q|K|V all-to-all of ``plan``'s heads; :func:`_recv_in` unpacks (and waits)."""
-    b, d, dtype = q.shape[0], q.shape[3], q.dtype
-    parts = []
-    for j, (hq, hkv) in enumerate(zip(plan.q_heads, plan.kv_heads)):
-        k_heads = _tm(k[:, plan.kv_starts[j]:plan.kv_starts[j] + hkv])
-        parts.append((_tm(q[:, plan.q_starts[j]:plan.q_starts[j] + hq]), fp8.qvo))
-        if fp8.k:  # the fp32 mean travels raw and is added back after decoding
-            k_heads, mean = _centered(k_heads)
-            parts += [(k_heads, True), (mean, False)]
-        else:
-            parts.append((k_heads, False))
-        parts.append((_tm(v[:, plan.kv_starts[j]:plan.kv_starts[j] + hkv]), fp8.qvo))
-    wire = wire_dtype(dtype, fp8.qvo or fp8.k)
-    send = pack(parts, wire)
-    hq, hkv = plan.q_heads[plan.u_rank], plan.kv_heads[plan.u_rank]
-    specs, send_sizes, recv_sizes = [], [], []
-    for j, (s, t) in enumerate(zip(plan.q_shards, plan.kv_shards)):
-        peer = [((s, b, hq, d), fp8.qvo), ((t, b, hkv, d), fp8.k)]
-        peer += [((b, hkv, d), False, torch.float32)] if fp8.k else []
-        peer.append(((t, b, hkv, d), fp8.qvo))
-        specs += peer
-        recv_sizes.append(sum(part_size(spec[0], spec[2] if len(spec) > 2 else dtype, spec[1], wire)
-                              for spec in peer))
-        per = parts[j * len(peer):(j + 1) * len(peer)]
-        send_sizes.append(sum(part_size(x.shape, x.dtype, f, wire) for x, f in per))
-    return all_to_all(send, recv_sizes, send_sizes, group), specs
+def _peer_parts(kind: str, x: torch.Tensor, plan: _Plan, j: int, fp8: FP8Options) -> list:
+    """[(token-major tensor, fp8)] that Ulysses peer ``j`` gets of ``x`` (``kind`` ``"q"``, ``"k"`` or ``"v"``)."""
+    heads, starts = (plan.q_heads, plan.q_starts) if kind == "q" else (plan.kv_heads, plan.kv_starts)
+    part = _tm(x[:, starts[j]:starts[j] + heads[j]])
+    if kind == "k" and fp8.k:  # the fp32 mean travels raw and is added back after decoding
+        part, mean = _centered(part)
+        return [(part, True), (mean, False)]
+    return [(part, fp8.qvo if kind in "qv" else False)]
 
 
-def _recv_in(pending, dtype: torch.dtype, fp8: FP8Options):
-    """Per-peer token-major Q, K, V pieces of this rank's block from :func:`_send_in`'s result."""
-    buf, specs = pending
-    recv = unpack(buf, specs, dtype)
-    step = 4 if fp8.k else 3
-    q_pieces = recv[0::step]
-    k_pieces = ([(recv[i + 1].float() + recv[i + 2]).to(dtype) for i in range(0, len(recv), step)]
-                if fp8.k else recv[1::step])
-    return q_pieces, k_pieces, recv[step - 1::step]
+def _peer_specs(kind: str, plan: _Plan, j: int, b: int, d: int, fp8: FP8Options) -> list:
+    """Unpack specs of what this rank receives of ``kind`` from Ulysses peer ``j``."""
+    if kind == "q":
+        return [((plan.q_shards[j], b, plan.q_heads[plan.u_rank], d), fp8.qvo)]
+    shape = (plan.kv_shards[j], b, plan.kv_heads[plan.u_rank], d)
+    if kind == "k":
+        return [(shape, fp8.k)] + ([((b, plan.kv_heads[plan.u_rank], d), False, torch.float32)] if fp8.k else [])
+    return [(shape, fp8.qvo)]
+
+
+def _send_in(tensors: dict, plan: _Plan, group, fp8: FP8Options):
+    """Issue one packed all-to-all of ``tensors`` (``{"q"|"k"|"v": tensor}``, any non-empty subset)
+    for ``plan``'s heads; :func:`_recv_in` unpacks (and waits)."""
+    kinds = [c for c in "qkv" if c in tensors]
+    first = tensors[kinds[0]]
+    b, d, dtype = first.shape[0], first.shape[3], first.dtype
+    parts = [[p for c in kinds for p in _peer_parts(c, tensors[c], plan, j, fp8)] for j in range(plan.ulysses)]
+    specs = [[s for c in kinds for s in _peer_specs(c, plan, j, b, d, fp8)] for j in range(plan.ulysses)]
+    wire = wire_dtype(dtype, any(f for peer in parts for _, f in peer))
+    send_sizes = [sum(part_size(x.shape, x.dtype, f, wire) for x, f in peer) for peer in parts]
+    recv_sizes = [sum(part_size(s[0], s[2] if len(s) > 2 else dtype, s[1], wire) for s in peer) for peer in specs]
+    send = pack([p for peer in parts for p in peer], wire)
+    return all_to_all(send, recv_sizes, send_sizes, group), [s for peer in specs for s in peer], kinds
+
+
+def _recv_in(pending, dtype: torch.dtype, fp8: FP8Options) -> dict:
+    """``{kind: per-peer token-major pieces}`` of this rank's block from :func:`_send_in`'s result."""
+    buf, specs, kinds = pending
+    recv = iter(unpack(buf, specs, dtype))
+    pieces = {c: [] for c in kinds}
+    n_peers = len(specs) // sum(2 if c == "k" and fp8.k else 1 for c in kinds)
+    for _ in range(n_peers):
+        for c in kinds:
+            x = next(recv)
+            pieces[c].append((x.float() + next(recv)).to(dtype) if c == "k" and fp8.k else x)
+    return pieces
 
 
 def _send_out(out_tm: torch.Tensor, plan: _Plan, group, fp8: FP8Options):
@@ -333,8 +341,8 @@ def _own_block(k_pieces: list, v_pieces: list) -> torch.Tensor:
 
 
 def _blocks(pieces, joint, plan: _Plan, kv_hook):
-    """This rank's token-major query rows and K/V rows from the per-peer ``pieces`` (Q, K, V lists),
-    joint tokens included.
+    """This rank's token-major query rows and K/V rows from the per-peer ``pieces``
+    (``{"q"|"k"|"v": list}``), joint tokens included.
 
     Returns ``(q, [kv])``: ``kv`` is ``(k, v)`` views for ring degree 1, else one packed (S, 2, B, H, D)
     block that the ring rotates (in a list, which :func:`_local` empties: no caller keeps the block).
@@ -342,7 +350,7 @@ def _blocks(pieces, joint, plan: _Plan, kv_hook):
     q_lo, q_hi = plan.heads("q")
     kv_lo, kv_hi = plan.heads("kv")
     joint_query, joint_key, joint_value = joint
-    q_pieces, k_pieces, v_pieces = pieces
+    q_pieces, k_pieces, v_pieces = pieces["q"], pieces["k"], pieces["v"]
     jq = None if joint_query is None else _tm(joint_query[:, q_lo:q_hi])
     q_tm = _rows(_with_joint(q_pieces, jq, plan.front))
     if kv_hook is not None:
@@ -367,6 +375,52 @@ def _local(q_tm, holder: list, plan: _Plan, ring_group, scale, backend, fp8: FP8
     blocks = [own, own[plan.joint_kv:] if plan.front else own[:rows]]
     del own
     return _ring(q_tm, blocks, plan, ring_group, scale, backend, fp8)
+
+
+_PLANS: dict = {}  # metadata of a validated eager call -> its plan
+_PLANS_MAX = 256
+
+
+def _cached_plan(*args) -> _Plan:
+    """:func:`_validate_and_plan`, remembered for eager calls: the checks and sizes depend only on the
+    shapes, dtypes and devices of the tensors, the groups and the other arguments, which form the key
+    (compiled graphs drop the host work anyway, so tracing always validates)."""
+    if torch.compiler.is_compiling():
+        return _validate_and_plan(*args)
+    q, k, v, joint, *rest = args
+    try:
+        key = (*((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in (q, k, v, *joint)),
+               *rest)
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: validation will name it
+        return _validate_and_plan(*args)
+    if plan is None:
+        plan = _validate_and_plan(*args)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _prepare(query, key, value, joint, joint_strategy, ulysses_group, ring_group, seq_len_q, seq_len_kv, scale,
+             kv_hook, backend, fp8, head_groups):
+    """Validate a call and agree on it across ranks (before any data collective); returns
+    ``(plan, FP8Options, backend, head_groups)``."""
+    rejected = plan = None
+    try:
+        fp8 = _fp8_options(fp8, query)
+        if not isinstance(head_groups, (int, torch.SymInt)) or head_groups < 1:
+            raise ValueError(f"head_groups must be an int >= 1, got {head_groups!r}")
+        head_groups = int(head_groups)  # a host decision: torch.compile specializes on it
+        plan = _cached_plan(query, key, value, joint, joint_strategy, ulysses_group, ring_group, seq_len_q, seq_len_kv)
+    except ValueError as e:
+        rejected = e
+    # Ranks must agree before any data collective (first call of a process, or every call with
+    # FASTUSP_CHECK_CONSISTENCY=1); re-raises ``rejected``, after the other ranks have heard of it.
+    check_call(query, key, value, rejected=rejected, ulysses_group=ulysses_group, ring_group=ring_group,
+               seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, joint=joint, joint_strategy=joint_strategy, scale=scale,
+               kv_hook=kv_hook, fp8=fp8, head_groups=head_groups)
+    return plan, fp8, select_backend(query, key) if backend is None else backend, head_groups
 
 
 def usp_attention(
@@ -413,23 +467,9 @@ def usp_attention(
     Returns:
         (B, H, [joint_q +] S_local, D) in the input dtype, memory in token-major order.
     """
-    rejected = None
-    try:
-        fp8 = _fp8_options(fp8, query)
-        if not isinstance(head_groups, (int, torch.SymInt)) or head_groups < 1:
-            raise ValueError(f"head_groups must be an int >= 1, got {head_groups!r}")
-        head_groups = int(head_groups)  # a host decision: torch.compile specializes on it
-        plan = _validate_and_plan(query, key, value, (joint_query, joint_key, joint_value), joint_strategy,
-                                  ulysses_group, ring_group, seq_len_q, seq_len_kv)
-    except ValueError as e:
-        rejected = e
-    # Ranks must agree before any data collective (first call of a process, or every call with
-    # FASTUSP_CHECK_CONSISTENCY=1); re-raises ``rejected``, after the other ranks have heard of it.
-    check_call(query, key, value, rejected=rejected, ulysses_group=ulysses_group, ring_group=ring_group,
-               seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, joint=(joint_query, joint_key, joint_value),
-               joint_strategy=joint_strategy, scale=scale, kv_hook=kv_hook, fp8=fp8, head_groups=head_groups)
-    if backend is None:
-        backend = select_backend(query, key)
+    plan, fp8, backend, head_groups = _prepare(query, key, value, (joint_query, joint_key, joint_value),
+                                               joint_strategy, ulysses_group, ring_group, seq_len_q, seq_len_kv,
+                                               scale, kv_hook, backend, fp8, head_groups)
     if key.shape[1] < plan.ulysses:
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -438,13 +478,14 @@ def usp_attention(
     joint = (joint_query, joint_key, joint_value)
     local = (ring_group, scale, backend, fp8, kv_hook)
     if plan.ulysses == 1:
-        q_tm, own = _blocks(([_tm(query)], [_tm(key)], [_tm(value)]), joint, plan, kv_hook)
+        q_tm, own = _blocks({"q": [_tm(query)], "k": [_tm(key)], "v": [_tm(value)]}, joint, plan, kv_hook)
         return _local(q_tm, own, plan, *local).permute(1, 2, 0, 3)
     plans = plan.head_groups(head_groups if kv_hook is None else 1)
-    pending, outs = _send_in(query, key, value, plans[0], ulysses_group, fp8), []
+    qkv = {"q": query, "k": key, "v": value}
+    pending, outs = _send_in(qkv, plans[0], ulysses_group, fp8), []
     for g, group_plan in enumerate(plans):
         # the next group's input all-to-all is in flight while this group attends
-        nxt = _send_in(query, key, value, plans[g + 1], ulysses_group, fp8) if g + 1 < len(plans) else None
+        nxt = _send_in(qkv, plans[g + 1], ulysses_group, fp8) if g + 1 < len(plans) else None
         q_tm, own = _blocks(_recv_in(pending, query.dtype, fp8), joint, group_plan, kv_hook)
         outs.append(_send_out(_local(q_tm, own, group_plan, *local).contiguous(), group_plan, ulysses_group, fp8))
         pending = nxt

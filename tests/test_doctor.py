@@ -38,7 +38,7 @@ def test_doctor_describes_this_machine_in_text_and_json():
     assert hook["FASTUSP_XDIT_AUTOLOAD"] == "0" and not hook["enabled"], hook
     probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     backends = report["backends"]
-    assert set(backends) == {"fastusp", "fastusp_fp8", "fastusp_pipelined"}, backends
+    assert set(backends) == {"fastusp", "fastusp_fp8", "fastusp_pipelined", "fastusp_overlap"}, backends
     assert all(b["local_attention"] == select_backend(probe) for b in backends.values()), backends
     assert backends["fastusp"]["fp8_codec"] is None and backends["fastusp_fp8"]["fp8_codec"], backends
 

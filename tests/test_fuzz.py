@@ -7,7 +7,7 @@ odd and zero lengths (also shorter than the world), odd head counts, GQA, joint 
 communication with a random spec among ``qvo`` / ``qvo,k`` / ``qvo,k,ring_kv``, and 1-5 pipelined
 head groups (capped by the heads per Ulysses rank). Each rank compares
 its output rows with the reference at the tolerances of ``test_usp`` (max error relative to the
-largest reference element: 1e-5 fp32, 1e-2 bf16); FP8 cases compare with the same run without FP8
+largest element of the whole reference output: 1e-5 fp32, 1e-2 bf16); FP8 cases compare with the same run without FP8
 at ``test_usp_fp8``'s bound (Frobenius, 3e-2 per FP8 tensor on the path, in quadrature). Workers
 run with ``FASTUSP_CHECK_CONSISTENCY=1``, so the cross-rank check sees every case (no false alarm).
 

@@ -7,6 +7,7 @@ from fastusp_xdit.verify import run_cases
 
 import test_usp
 import test_usp_fp8
+import test_usp_staged
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
@@ -38,3 +39,18 @@ def test_cuda_graphs_with_ring_and_ulysses(seed):
     for rank, results in enumerate(per_rank):
         for res in results:
             assert res["graph_breaks"] == 0 and res["compile_err"] <= 2e-2, f"rank {rank} seed={seed}: {res}"
+
+
+def test_staged_nccl_with_cuda_graphs(seed):
+    """usp_attention_staged over NCCL equals usp_attention, issues in the staged order, and replays under
+    CUDA graphs (mode="reduce-overhead", Inductor) equal to eager."""
+    rng = test_usp_staged.random.Random(seed)
+    cases = [test_usp_staged._case(rng, u, r, device="cuda", dtype="bfloat16", fp8=fp8, compile=True,
+                                   compiler="inductor", compile_mode="reduce-overhead")
+             for u, r in ((2, 1), (1, 2)) for fp8 in (None, "qvo,k")]
+    for rank, results in enumerate(run_distributed(test_usp_staged.staged_worker, 2, cases, backend="nccl",
+                                                   timeout=300)):
+        for case, res in zip(cases, results):
+            order = test_usp_staged._expected_events(case["ulysses"])
+            assert res["equal"] and res["events"] == order, (rank, res, case)
+            assert res["breaks"] == 0 and res["compile_err"] <= 2e-2, f"rank {rank} seed={seed}: {res} {case}"

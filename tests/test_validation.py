@@ -42,6 +42,25 @@ def test_wrong_global_length():
         usp_attention(*_qkv(s=0))
 
 
+def test_remembered_plan_never_excuses_another_call():
+    """Eager calls reuse the plan of an identical earlier call (usp._PLANS); any other argument is checked anew."""
+    from fastusp_xdit import usp
+
+    q, k, v = _qkv()
+    want = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+    for _ in range(2):  # the second call takes the remembered plan
+        torch.testing.assert_close(usp_attention(q, k, v, seq_len_q=8), want, rtol=1e-5, atol=1e-5)
+    assert any(key[-2] == 8 for key in usp._PLANS), "the valid call's plan was not remembered"
+    with pytest.raises(ValueError, match="seq_len_q"):
+        usp_attention(q, k, v, seq_len_q=9)
+    with pytest.raises(ValueError, match="same shape"):
+        usp_attention(q, k, v[..., :4])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        usp_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="seq_len_q must be"):
+        usp_attention(q, k, v, seq_len_q=[8])  # unhashable: validated, not remembered
+
+
 def _no_collective(*_args, **_kwargs):
     raise AssertionError("a collective was issued before validation")
 

@@ -1,14 +1,16 @@
-"""fastusp inside xDiT (xfuser 0.7.0): ``--attention_backend fastusp`` / ``fastusp_fp8``.
+"""fastusp inside xDiT (xfuser 0.7.0): ``--attention_backend fastusp`` and its variants.
 
-The only code that touches xfuser. :func:`activate` wires three pieces, each landing the moment its
+The only code that touches xfuser. :func:`activate` wires four pieces, each landing the moment its
 xfuser module loads (or at once if it already has):
 
 * :mod:`.compat` -- on machines without an accelerator, the in-memory patches xfuser needs to import
   and run on CPU/gloo;
-* :mod:`.backend` -- the ``FASTUSP`` / ``FASTUSP_FP8`` members of ``AttentionBackendType`` and their
-  registry kernel;
+* :mod:`.backend` -- the ``FASTUSP*`` members of ``AttentionBackendType`` (:data:`.backend.VARIANTS`)
+  and their registry kernel;
 * :mod:`.usp_adapter` -- the replacement ``USP`` that routes fastusp members to
-  :func:`fastusp_xdit.usp.usp_attention`.
+  :func:`fastusp_xdit.usp.usp_attention`;
+* :mod:`.flux_overlap` -- with ``fastusp_overlap``, FLUX blocks issue each projection's all-to-all as
+  it finishes and run the single-stream MLP behind the output all-to-all.
 
 :mod:`.targets` lists every xfuser symbol involved; :mod:`.tiny` builds tiny offline pipelines.
 """
@@ -21,11 +23,12 @@ def activate() -> None:
     Call it in every process that runs xfuser (torchrun children, Ray actors), before the runtime
     state is created. On a CPU-only machine call it before ``import xfuser``; elsewhere before or after.
     """
-    from . import backend, compat, usp_adapter
+    from . import backend, compat, flux_overlap, usp_adapter
 
     compat.install()
     backend.install()
     usp_adapter.install()
+    flux_overlap.install()
 
 
 __all__ = ["activate"]

@@ -25,7 +25,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # all-to-alls pipelined with attention over 2 head groups: 2 is the one count whose smaller cuDNN
     # calls cost ~2% on an H200 (benchmarks/results/micro-h200.json); the gain awaits a 2-GPU run.
     "FASTUSP_PIPELINED": ("FastUSP, all-to-alls pipelined over 2 head groups", {"head_groups": 2}),
+    # FLUX blocks: Q/K/V all-to-alls issued per projection, output all-to-all behind the single block's
+    # MLP (.flux_overlap); other models run plain fastusp. Opt-in until a 2-GPU run shows a gain.
+    "FASTUSP_OVERLAP": ("FastUSP, FLUX projections and MLP overlapped with the all-to-alls", {}),
 }
+
+# members whose FLUX attention runs staged (fastusp_xdit.usp_staged) instead of through USP
+STAGED = ("FASTUSP_OVERLAP",)
 
 # enum member -> extra usp_attention kwargs; filled when xfuser's attention_backend module loads.
 USP_KWARGS: dict = {}

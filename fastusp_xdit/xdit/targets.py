@@ -1,4 +1,4 @@
-"""Every xfuser symbol that ``fastusp_xdit.xdit`` reads or replaces, with the shape it expects.
+"""Every xfuser symbol (and diffusers method) that ``fastusp_xdit.xdit`` reads or replaces, with the shape it expects.
 
 Written against xfuser 0.7.0 (PyPI wheel). Each patch calls :func:`check_module` on its module before
 touching it, so a changed xfuser fails at the first import with the list of what moved, never
@@ -34,11 +34,24 @@ TARGETS: dict[str, dict[str, tuple | None]] = {
         "USP": _USP_PARAMS, "PROCESS_GROUP": None,
         "_has_kv_cache": ("attn_layer",), "_update_and_get_kv_cache": ("key", "value", "attn_layer"),
         "get_runtime_state": (), "get_ulysses_parallel_world_size": (), "get_ring_parallel_world_size": ()},
+    # flux_overlap.py
+    "xfuser.model_executor.models.transformers.transformer_flux": {
+        "xFuserFluxAttnProcessor": None, "_HAS_FLYDSL": None, "apply_rotary_emb": None, "get_runtime_state": ()},
+}
+
+# patched module -> [(module, class, method, parameter names)]: methods flux_overlap.py replaces when it loads
+METHODS: dict[str, list[tuple[str, str, str, tuple]]] = {
+    "xfuser.model_executor.models.transformers.transformer_flux": [
+        ("xfuser.model_executor.models.transformers.transformer_flux", "xFuserFluxAttnProcessor", "__call__",
+         ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")),
+        ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock", "forward",
+         ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")),
+    ],
 }
 
 
 def _problems(module: types.ModuleType) -> list[str]:
-    out = []
+    out = _method_problems(module.__name__)
     for attr, params in TARGETS.get(module.__name__, {}).items():
         if not hasattr(module, attr):
             out.append(f"{module.__name__}.{attr} is missing")
@@ -53,6 +66,16 @@ def _problems(module: types.ModuleType) -> list[str]:
             continue
         if got != params:
             out.append(f"{module.__name__}.{attr} takes {got}, expected {params}")
+    return out
+
+
+def _method_problems(module_name: str) -> list[str]:
+    out = []
+    for mod, cls, name, params in METHODS.get(module_name, []):
+        method = getattr(getattr(importlib.import_module(mod), cls, None), name, None)
+        got = None if method is None else tuple(inspect.signature(method).parameters)
+        if got != params:
+            out.append(f"{mod}.{cls}.{name} takes {got}, expected {params}")
     return out
 
 

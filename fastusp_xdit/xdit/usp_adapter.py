@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 from yunchang.globals import PROCESS_GROUP
 
 from ..usp import usp_attention
+from ..usp_staged import usp_attention_staged
 from . import backend as _backend
 from . import hooks
 from .targets import check_module
@@ -92,9 +93,7 @@ def USP(
                        joint_strategy, attn_layer, combine_qkv_a2a, backend, attention_kwargs,
                        head_balance_layer, kv_head_repeat)
     _backend.check_supported(dropout_p, is_causal, attention_kwargs)
-    if state.fp8_comms is not None:
-        raise NotImplementedError("--use_fp8_comms is xfuser's AMD FP8 all-to-all; with fastusp drop it and use "
-                                  "--attention_backend fastusp_fp8")
+    _check_state(state)
     if kv_head_repeat != 1 and query.shape[1] != key.shape[1] * kv_head_repeat:
         raise ValueError(f"query heads ({query.shape[1]}) must equal key/value heads ({key.shape[1]}) times "
                          f"kv_head_repeat ({kv_head_repeat})")
@@ -116,6 +115,29 @@ def USP(
         kv_hook=_kv_hook(attn_layer if cached else None, valid_kv_len),
         **usp_kwargs,
     )
+
+
+def _check_state(state) -> None:
+    if state.fp8_comms is not None:
+        raise NotImplementedError("--use_fp8_comms is xfuser's AMD FP8 all-to-all; with fastusp drop it and use "
+                                  "--attention_backend fastusp_fp8")
+
+
+def staged_backend() -> bool:
+    """Whether the effective backend is one of :data:`.backend.STAGED` (false before the adapter loads)."""
+    return _xf is not None and _xf.get_runtime_state().attention_backend.name in _backend.STAGED
+
+
+def staged_usp(value_fn, query_fn, key_fn, after=None):
+    """:func:`~fastusp_xdit.usp_staged.usp_attention_staged` on yunchang's groups with the effective
+    backend's options: the call of the FLUX overlap mode (:mod:`.flux_overlap`)."""
+    state = _xf.get_runtime_state()
+    _check_state(state)
+    ulysses, ring = _xf.ulysses_degree(), _xf.ring_degree()
+    return usp_attention_staged(value_fn, query_fn, key_fn, after=after,
+                                ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
+                                ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None,
+                                **_backend.USP_KWARGS[state.attention_backend])
 
 
 def _rebind(old, new) -> None:

@@ -96,7 +96,7 @@ def test_pth_hook_activates_at_first_xfuser_import(tmp_path):
     res = _result(_python(["-c", _HOOK_PROBE, str(tmp_path)]))
     assert res["before"] == {"trigger": True, "xfuser": [], "activated": False}, res
     after = res["after"]
-    assert after["members"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED"], after
+    assert after["members"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"], after
     assert after["usp"] == after["usp_copied_by_value"] == "fastusp_xdit.xdit.usp_adapter", after
     assert after["package_complete"] and after["same_package"], after
     assert not after["trigger"] and after["activated"], after
@@ -113,7 +113,10 @@ def test_autoload_disabled_by_env(tmp_path):
 
 _INSTALLED_PROBE = """
 import json, site, sys
+# run with -S: the temporary prefix's site dir first, then this environment's (which may hold the
+# checkout's own install, whose .pth files would otherwise import fastusp_xdit from there first)
 site.addsitedir(sys.argv[1])
+site.addsitedir(sys.argv[2])
 import fastusp_xdit
 from fastusp_xdit.xdit import import_hook
 print("RESULT " + json.dumps({"package": fastusp_xdit.__file__, "installed": import_hook.installed()}))
@@ -129,7 +132,9 @@ def test_pip_install_ships_pth_and_entry_points(tmp_path, editable):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src)
     prefix = tmp_path / "prefix"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix),
+    # --ignore-installed: otherwise pip first uninstalls the checkout's own install from this environment
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                          "--prefix", str(prefix),
                           *(["-e"] if editable else []), str(src)], capture_output=True, text=True, timeout=TIMEOUT)
     assert pip.returncode == 0, pip.stderr[-4000:]
     site_packages = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
@@ -140,8 +145,9 @@ def test_pip_install_ships_pth_and_entry_points(tmp_path, editable):
     assert "fastusp-xdit-runner = fastusp_xdit.xdit.runner_cli:main" in entry_points, entry_points
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTUSP_XDIT_AUTOLOAD")}
-    probe = subprocess.run([sys.executable, "-c", _INSTALLED_PROBE, str(site_packages)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=TIMEOUT)
+    probe = subprocess.run([sys.executable, "-S", "-c", _INSTALLED_PROBE, str(site_packages),
+                            sysconfig.get_path("purelib")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
     assert probe.returncode == 0, probe.stderr[-4000:]
     res = _result(probe)
     assert res["installed"] and res["package"].startswith(str(src if editable else site_packages)), res
@@ -167,7 +173,7 @@ def test_run_script_and_module_as_main_after_activation(tmp_path):
     script.write_text(_SCRIPT)
     res = _result(_python(["-m", "fastusp_xdit.run", str(script), "--prompt", "a cat", "-m"], env=no_hook))
     assert res == {"name": "__main__", "argv": [str(script), "--prompt", "a cat", "-m"],
-                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED"]}, res
+                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"]}, res
 
     (tmp_path / "probe_module.py").write_text(_MODULE)
     res = _result(_python(["-m", "fastusp_xdit.run", "-m", "probe_module", "x", "--y"], env=no_hook,

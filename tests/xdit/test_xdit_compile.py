@@ -104,7 +104,9 @@ def _check(path, ulysses, ring, backend, compiler, model="flux"):
 @pytest.mark.parametrize("ulysses,ring,backend", [pytest.param(2, 1, "fastusp", marks=pytest.mark.slow),
                                                   (1, 2, "fastusp"),
                                                   pytest.param(2, 2, "fastusp", marks=pytest.mark.slow),
-                                                  (2, 1, "fastusp_fp8")])
+                                                  (2, 1, "fastusp_fp8"),
+                                                  (2, 1, "fastusp_overlap"),
+                                                  pytest.param(2, 2, "fastusp_overlap", marks=pytest.mark.slow)])
 def test_flux_transformer_traces_whole(tiny_flux, ulysses, ring, backend):
     _check(tiny_flux, ulysses, ring, backend, "aot_eager")
 

@@ -1,9 +1,11 @@
 """Tiny FLUX.1 and SD3 pipelines loaded through xfuser's own pipeline classes on gloo, 2 steps, fp32.
 
 Each job loads the pipeline once (``xFuserArgs`` -> ``create_config`` -> ``xFuser*Pipeline.from_pretrained``,
-as xDiT's examples do, minus the CUDA-only ``prepare_run`` warm-up) and runs it three times from the
-same seed: ``--attention_backend fastusp``, ``fastusp_fp8`` and stock xfuser's SDPA_FLASH (torch's CPU
-flash kernel, see compat) in the same parallel configuration. A spy on ``usp_attention`` proves which run used fastusp.
+as xDiT's examples do, minus the CUDA-only ``prepare_run`` warm-up) and runs it four times from the
+same seed: ``--attention_backend fastusp``, ``fastusp_fp8``, ``fastusp_overlap`` and stock xfuser's
+SDPA_FLASH (torch's CPU flash kernel, see compat) in the same parallel configuration. Spies on
+``usp_attention`` and ``usp_attention_staged`` prove which run used which path (``fastusp_overlap``
+stages every FLUX attention, SD3 falls back to plain fastusp).
 Outputs are the final latents, compared as max|a - b| / max|b| with each other and with the
 1-process run (plain diffusers attention). FLUX's 8 T5 tokens are sharded with the image (xfuser's
 path when the text length divides the SP degree); SD3's 77 + 256 text tokens do not divide 2, so SD3
@@ -25,6 +27,7 @@ from fastusp_xdit.launch import run_distributed
 from xdit_helpers import fro_err, rel_err
 
 TOL = 1e-4
+BACKENDS = ("fastusp", "fastusp_fp8", "fastusp_overlap", "sdpa_flash")
 PROMPT = "a tiny red cat, 4k"
 
 
@@ -49,22 +52,21 @@ def pipeline_job(model: str, path: str, ulysses: int, ring: int, cfg: bool, seed
     extra = (dict(guidance_scale=3.5, max_sequence_length=8) if model == "flux"
              else dict(guidance_scale=5.0, negative_prompt="blurry"))
 
-    real, calls = adapter.usp_attention, []
-
-    def spy(*a, **kw):
-        calls.append(True)
-        return real(*a, **kw)
-
-    adapter.usp_attention = spy
+    calls = {"usp_attention": [], "usp_attention_staged": []}
+    for name, log in calls.items():
+        def spy(*a, _real=getattr(adapter, name), _log=log, **kw):
+            _log.append(True)
+            return _real(*a, **kw)
+        setattr(adapter, name, spy)
     out = {}
-    for backend in ("fastusp", "fastusp_fp8", "sdpa_flash"):
+    for backend in BACKENDS:
         get_runtime_state().set_attention_backend(backend)
-        before = len(calls)
+        before = {name: len(log) for name, log in calls.items()}
         result = pipe(height=input_config.height, width=input_config.width, prompt=input_config.prompt,
                       num_inference_steps=input_config.num_inference_steps,
                       output_type="latent", generator=torch.Generator().manual_seed(seed), **extra)
-        if result is not None:  # xfuser returns the output on the last rank only
-            out[backend] = (result.images.numpy(), len(calls) - before)  # numpy: pickled by value
+        if result is not None:  # xfuser returns the output on the last rank only; numpy: pickled by value
+            out[backend] = (result.images.numpy(), *(len(log) - before[name] for name, log in calls.items()))
     return out
 
 
@@ -82,7 +84,7 @@ def tiny():
         def run(model, ulysses=1, ring=1, cfg=False):
             world = ulysses * ring * (2 if cfg else 1)
             out = run_distributed(pipeline_job, world, model, paths[model], ulysses, ring, cfg, seed, timeout=180)
-            return {backend: (torch.from_numpy(latents), calls) for backend, (latents, calls) in out[-1].items()}
+            return {backend: (torch.from_numpy(latents), *calls) for backend, (latents, *calls) in out[-1].items()}
 
         def single(model):  # no parallelism: xfuser runs plain diffusers attention
             if model not in singles:
@@ -98,13 +100,16 @@ def tiny():
 ])
 def test_pipeline_fastusp_matches_stock_and_single_process(tiny, model, ulysses, ring, cfg):
     res = tiny.run(model, ulysses, ring, cfg)
-    (fast, fast_calls), (fp8, fp8_calls), (stock, stock_calls) = (res[b] for b in ("fastusp", "fastusp_fp8",
-                                                                                    "sdpa_flash"))
+    (fast, fast_calls, _), (fp8, fp8_calls, _), (overlap, *overlap_calls), (stock, *stock_calls) = (
+        res[b] for b in BACKENDS)
     single = tiny.single(model)
     where = f"{model} ulysses {ulysses} ring {ring} cfg {2 if cfg else 1} seed {tiny.seed}"
-    assert fast_calls > 0 and fp8_calls == fast_calls and stock_calls == 0, (fast_calls, fp8_calls, stock_calls, where)
-    errs = rel_err(fast, stock), rel_err(fast, single), rel_err(stock, single)
-    assert max(errs) <= TOL, f"fast/stock, fast/1-proc, stock/1-proc = {errs}, {where}"
+    assert fast_calls > 0 and fp8_calls == fast_calls and stock_calls == [0, 0], (fast_calls, fp8_calls, stock_calls,
+                                                                                   where)
+    # fastusp_overlap stages every FLUX attention (dual- and single-stream); other models run plain fastusp
+    assert overlap_calls == ([0, fast_calls] if model == "flux" else [fast_calls, 0]), (overlap_calls, where)
+    errs = rel_err(fast, stock), rel_err(fast, single), rel_err(stock, single), rel_err(overlap, fast)
+    assert max(errs) <= TOL, f"fast/stock, fast/1-proc, stock/1-proc, overlap/fast = {errs}, {where}"
     fp8_err = fro_err(fp8, stock)
     if ulysses > 1:  # e4m3 Q, V, O on the all-to-all; the attention-level bound 3e-2 * sqrt(3) caps it
         assert 1e-6 < fp8_err <= 3e-2 * 3 ** 0.5, f"fastusp_fp8 vs stock {fp8_err}, {where}"

@@ -25,10 +25,11 @@ from .targets import check_module
 
 FLUX_MODULE = "xfuser.model_executor.models.transformers.transformer_flux"
 
-_stock: dict = {}  # "processor" / "single_block" -> the original functions
+_stock: dict = {}  # "module": xfuser's FLUX module; "processor" / "single_block": the original functions
 
 
 def _applies(attn, attention_mask=None, extra_kwargs=None) -> bool:
+    """Whether this call takes the staged path (the backend asks for it and nothing rules it out)."""
     if not usp_adapter.staged_backend() or attention_mask is not None or extra_kwargs:
         return False
     flux = _stock["module"]
@@ -74,7 +75,6 @@ def processor_call(self, attn, hidden_states, encoder_hidden_states=None, attent
         return _stock["processor"](self, attn, hidden_states, encoder_hidden_states, attention_mask,
                                    image_rotary_emb)
     out, _ = _staged_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-    out = out.to(hidden_states.dtype)
     if encoder_hidden_states is None:
         return out
     text, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
@@ -93,7 +93,7 @@ def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image
     normed, gate = self.norm(hidden_states, emb=temb)
     attn_out, mlp = _staged_attention(self.attn, normed, None, image_rotary_emb,
                                       after=lambda: self.act_mlp(self.proj_mlp(normed)))
-    hidden_states = hidden_states + gate.unsqueeze(1) * self.proj_out(torch.cat([attn_out.to(mlp.dtype), mlp], dim=2))
+    hidden_states = hidden_states + gate.unsqueeze(1) * self.proj_out(torch.cat([attn_out, mlp], dim=2))
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_len], hidden_states[:, text_len:]

@@ -105,6 +105,8 @@ def _check(path, ulysses, ring, backend, compiler, model="flux"):
                                                   (1, 2, "fastusp"),
                                                   pytest.param(2, 2, "fastusp", marks=pytest.mark.slow),
                                                   (2, 1, "fastusp_fp8"),
+                                                  pytest.param(1, 2, "fastusp_fp8", marks=pytest.mark.slow),
+                                                  pytest.param(2, 2, "fastusp_fp8", marks=pytest.mark.slow),
                                                   (2, 1, "fastusp_overlap"),
                                                   pytest.param(2, 2, "fastusp_overlap", marks=pytest.mark.slow)])
 def test_flux_transformer_traces_whole(tiny_flux, ulysses, ring, backend):

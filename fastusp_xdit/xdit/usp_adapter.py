@@ -107,14 +107,18 @@ def USP(
             raise ValueError(f"attention_kwargs['valid_kv_len'] = {valid_kv_len}: keep it in [1, {block}], the keys "
                              "of one ring block after the Ulysses all-to-all")
     return usp_attention(
-        query, key, value,
-        ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
-        ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None,
+        query, key, value, **_groups(ulysses, ring),
         joint_query=joint_query, joint_key=joint_key, joint_value=joint_value,
         joint_strategy=joint_strategy or None,
         kv_hook=_kv_hook(attn_layer if cached else None, valid_kv_len),
         **usp_kwargs,
     )
+
+
+def _groups(ulysses: int, ring: int) -> dict:
+    """yunchang's Ulysses and ring groups of this rank as ``usp_attention`` keywords (None at degree 1)."""
+    return dict(ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
+                ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None)
 
 
 def _check_state(state) -> None:
@@ -133,10 +137,8 @@ def staged_usp(value_fn, query_fn, key_fn, after=None):
     backend's options: the call of the FLUX overlap mode (:mod:`.flux_overlap`)."""
     state = _xf.get_runtime_state()
     _check_state(state)
-    ulysses, ring = _xf.ulysses_degree(), _xf.ring_degree()
     return usp_attention_staged(value_fn, query_fn, key_fn, after=after,
-                                ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
-                                ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None,
+                                **_groups(_xf.ulysses_degree(), _xf.ring_degree()),
                                 **_backend.USP_KWARGS[state.attention_backend])
 
 

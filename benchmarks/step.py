@@ -9,7 +9,7 @@ does it: ``init_distributed_environment`` -> ``xFuserArgs(...).create_config()``
 Each variant is ``BACKEND:MODE``:
 
 * BACKEND ``stock`` is the backend xfuser selects itself on this device (CUDNN on H100/H200 without
-  flash-attn 3/4; ``--stock NAME`` overrides), ``fastusp`` / ``fastusp_fp8`` are ours, any other
+  flash-attn 3/4; ``--stock NAME`` overrides), ``fastusp`` and its variants are ours, any other
   name is passed to xfuser as ``--attention_backend`` would be;
 * MODE ``eager``, ``compile`` (``torch.compile``, default mode) or ``reduce-overhead`` (CUDA graphs,
   the mode xfuser's runner uses for FLUX.1; CUDA only). Compiled variants start from
@@ -44,6 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmark this checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastusp_xdit.launch import run_distributed  # noqa: E402
+from fastusp_xdit.xdit.backend import VARIANTS  # noqa: E402
 from micro import header, out_path, timed, write_json  # noqa: E402
 
 # diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev (transformer/config.json)
@@ -56,7 +57,7 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, att
             guidance_embeds=True, axes_dims_rope=(4, 4, 8))
 PIXELS_PER_TOKEN = 16  # FLUX.1: VAE scale factor 8, latents packed 2x2 into one token
 MODES = ("eager", "compile", "reduce-overhead")
-FASTUSP = ("fastusp", "fastusp_fp8")
+FASTUSP = tuple(name.lower() for name in VARIANTS)  # fastusp, fastusp_fp8, fastusp_pipelined, fastusp_overlap
 GOAL_PCT = 1.0  # issue 6: fastusp at most 1% slower than stock at world 1
 
 

@@ -1,4 +1,4 @@
-"""FLUX.1 through xDiT with fastusp: ``--attention_backend fastusp`` (or ``fastusp_fp8``).
+"""FLUX.1 through xDiT with fastusp: ``--attention_backend fastusp`` (or ``fastusp_fp8``, ``fastusp_overlap``).
 
 Same flags as xDiT's ``examples/flux_example.py``::
 

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 
@@ -64,9 +65,27 @@ def write_json(result: dict, name: str) -> str:
     return path
 
 
+def checkout() -> str | None:
+    """Git commit of the fastusp_xdit actually imported (``+dirty`` when its files have local changes);
+    None outside git."""
+    import fastusp_xdit
+
+    where = os.path.dirname(os.path.abspath(fastusp_xdit.__file__))
+    try:
+        head = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def header(device: str) -> dict:
     return {"command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
-            "device": device_name(device), "versions": versions(),
+            "device": device_name(device), "versions": versions(), "checkout": checkout(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

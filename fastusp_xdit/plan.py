@@ -1,4 +1,4 @@
-"""Performance model and degree planner: predicted step time for every (ulysses, ring, fp8, overlap).
+"""Performance model and degree planner: predicted step time for every (ulysses, ring, fp8, overlap, staged).
 
 Inputs are a model shape (:class:`Model`: heads, head_dim, tokens, layers, batch, MLP ratio), a
 world size and a device :class:`Profile` of measured numbers. Per attention layer, per rank:
@@ -16,6 +16,12 @@ world size and a device :class:`Profile` of measured numbers. Per attention laye
   two-resource schedule, link then compute. A profile's ``head_group_ratios`` ((G, time of G calls
   / one call) at one Ulysses-2 rank's heads, from benchmarks/micro.py) prices the smaller kernels
   and limits G to the measured counts; without it any G is considered at no compute cost;
+* ``staged`` (``usp_attention_staged``, ``fastusp_overlap``): V's, Q's and K's all-to-alls run one
+  after another on the link, each starting once its projection (``2*B*S_local*(H*D)^2`` FLOPs at
+  ``dense_tflops``) is done, so only the time past the three projections counts; the output's
+  all-to-all hides behind the MLP up-projection (``2*B*S_local*(H*D)*ratio*(H*D)`` FLOPs) in the
+  model's ``parallel_mlp_layers`` (FLUX's single-stream blocks). Assumes NCCL and matmuls run
+  concurrently at full speed (no SM contention): an upper bound on the gain;
 * ``fp8`` (an ``FP8Options`` spec: which of Q/V/O, K, the ring's K/V travel in FP8) scales those
   tensors' wire bytes by ``(D+4)/(2D)`` (e4m3 payload + an fp32 scale per (token, head) row; 0.516
   at D=128) and replaces their pack copy by an encode and a decode at ``codec_gbps`` (bytes read +
@@ -63,6 +69,7 @@ class Model:
     layers: int
     batch: int = 1
     mlp_ratio: float = 4.0
+    parallel_mlp_layers: int = 0  # layers whose MLP does not read the attention output (FLUX single-stream)
 
     def attention_flops(self) -> float:
         """One layer's attention FLOPs on one device (QK^T and PV)."""
@@ -75,7 +82,7 @@ class Model:
 
 
 #: FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, 19 double + 38 single blocks.
-FLUX = Model(heads=24, head_dim=128, tokens=4608, layers=57)
+FLUX = Model(heads=24, head_dim=128, tokens=4608, layers=57, parallel_mlp_layers=38)
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,9 @@ class Choice:
     ``fp8``: what travels in FP8, a ``fastusp_xdit.comm.fp8.FP8Options`` spec (``"none"``, ``"qvo"``,
     ``"qvo,k"``, ``"qvo,k,ring_kv"``), as ``usp_attention(fp8=...)`` takes it. ``packed``: one
     Q|K|V all-to-all (FastUSP) or three (diffusers, stock xfuser). ``chunks``: Ulysses head groups
-    when overlapping, ``usp_attention(head_groups=chunks)`` (None = the best count).
+    when overlapping, ``usp_attention(head_groups=chunks)`` (None = the best count). ``staged``:
+    ``usp_attention_staged`` (``--attention_backend fastusp_overlap``): V's, Q's and K's all-to-alls
+    each issued after its projection, the output's behind a parallel MLP; one head group.
     """
 
     ulysses: int
@@ -94,6 +103,7 @@ class Choice:
     overlap: bool = False
     packed: bool = True
     chunks: Optional[int] = None
+    staged: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,6 +300,8 @@ def _check(cond: bool, msg: str):
 def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[int]):
     for name in ("heads", "head_dim", "tokens", "layers", "batch"):
         _check(getattr(model, name) >= 1, f"{name} must be >= 1, got {getattr(model, name)}")
+    _check(0 <= model.parallel_mlp_layers <= model.layers,
+           f"parallel_mlp_layers must be in [0, layers={model.layers}], got {model.parallel_mlp_layers}")
     u, r = choice.ulysses, choice.ring
     _check(u >= 1 and r >= 1, f"ulysses ({u}) and ring ({r}) must be >= 1")
     _check(isinstance(choice.fp8, str),
@@ -305,6 +317,8 @@ def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[in
                f"profile {profile.name!r} has no {kind} measurements: run benchmarks/dist_layer.py on this "
                f"machine and pass --device-profile {profile.name} "
                f"--device-profile benchmarks/results/dist_layer-cuda-w<N>.json")
+    _check(not (choice.staged and (choice.overlap or not choice.packed)),
+           "staged runs its own all-to-all schedule with one head group: pass staged=True alone")
     if choice.chunks is not None:
         heads = min(layout.head_split(model.heads, model.heads, u)[0])
         _check(1 <= choice.chunks <= heads, f"chunks={choice.chunks} must be in [1, {heads}], the heads per "
@@ -324,8 +338,9 @@ def _pipeline(ins, comps, outs) -> float:
     return link
 
 
-def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
-    """(total, compute, layout) seconds of one attention layer on one rank, and the chunk count used."""
+def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> tuple:
+    """(total, compute, layout) seconds of one attention layer on one rank, and the chunk count used;
+    ``parallel_mlp``: the layer's MLP can hide a staged output all-to-all."""
     u, r, d = ch.ulysses, ch.ring, model.head_dim
     fp8 = FP8Options.parse(ch.fp8)
     heads = max(layout.head_split(model.heads, model.heads, u)[0])
@@ -344,7 +359,7 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
         """Attention of ``frac`` of the local heads; R-1 K/V transfers, hidden behind compute with overlap."""
         step_c = compute * frac / r
         xfer = p.p2p.time(kv * frac * wire(fp8.ring_kv), kv * frac * wire(fp8.ring_kv)) if r > 1 else 0.0
-        return (r - 1) * max(step_c, xfer) + step_c if ch.overlap else r * step_c + (r - 1) * xfer
+        return (r - 1) * max(step_c, xfer) + step_c if ch.overlap or ch.staged else r * step_c + (r - 1) * xfer
 
     # Layout work, bytes read + written: a pack/unpack copy per bf16 tensor sent (two unpacked), an
     # encode and a decode per FP8 tensor (bf16 side + FP8 side), FP8 ring blocks decoded on arrival.
@@ -368,6 +383,15 @@ def _layer(model: Model, p: Profile, ch: Choice) -> tuple:
         return p.a2a.time(buf, buf * (u - 1) / u)
 
     factors = (wire(fp8.qvo), wire(fp8.k), wire(fp8.qvo))  # Q, K, V
+    if ch.staged:  # projections and the MLP are in the rest of the step: only what they cannot hide counts
+        hidden = model.heads * d
+        proj = 2.0 * model.batch * shard * hidden ** 2 / (p.dense_tflops * 1e12)  # one of V, Q, K
+        link = 0.0
+        for i, w in enumerate((factors[2], factors[0], factors[1]), 1):  # V, Q, K, each after its projection
+            link = max(link, i * proj) + a2a(tensor * w)
+        out = a2a(tensor * wire(fp8.qvo))
+        mlp = 2.0 * model.batch * shard * hidden * model.mlp_ratio * hidden / (p.dense_tflops * 1e12)
+        return link - 3 * proj + ring(1.0) + (max(0.0, out - mlp) if parallel_mlp else out) + lay, compute, lay, 1
 
     ratios = dict(p.head_group_ratios)
 
@@ -396,8 +420,10 @@ def predict(model: Model, profile: Profile, choice: Choice) -> Prediction:
     layer, compute, lay, g = _layer(model, profile, choice)
     rest = model.layers * model.dense_flops() / (profile.dense_tflops * 1e12) / world
     n = model.layers
-    return Prediction(replace(choice, chunks=g), rest + n * layer, rest, n * compute,
-                      n * (layer - compute - lay), n * lay)
+    par = min(model.parallel_mlp_layers, n) if choice.staged else 0
+    layers = (n - par) * layer + (par * _layer(model, profile, choice, parallel_mlp=True)[0] if par else 0.0)
+    return Prediction(replace(choice, chunks=g), rest + layers, rest, n * compute, layers - n * (compute + lay),
+                      n * lay)
 
 
 def plan(model: Model, profile: Profile, world: int, ulysses: Optional[int] = None,
@@ -414,13 +440,16 @@ def plan(model: Model, profile: Profile, world: int, ulysses: Optional[int] = No
     if ulysses is not None and ring is not None:
         _validate(model, profile, Choice(ulysses, ring), world)
     fp8_on = str(FP8Options.parse(fp8_on))
-    flags = [("none", False)] if world == 1 else [(f, o) for f in ("none", fp8_on) for o in (False, True)]
+    modes = ((False, False), (True, False), (False, True))  # (overlap, staged)
+    flags = [("none", False, False)] if world == 1 else [(f, o, st) for f in ("none", fp8_on) for o, st in modes]
     out = []
     for u in range(1, min(world, model.heads) + 1):
         if world % u or (ulysses is not None and u != ulysses) or (ring is not None and world // u != ring):
             continue
-        for fp8, overlap in flags:
-            choice = Choice(u, world // u, fp8, overlap)
+        for fp8, overlap, staged in flags:
+            if staged and u == 1:  # no all-to-all to stage
+                continue
+            choice = Choice(u, world // u, fp8, overlap, staged=staged)
             _validate(model, profile, choice, world)
             out.append(predict(model, profile, choice))
     _check(bool(out), f"no ulysses x ring factorization of world {world} has ulysses <= {model.heads} heads: "
@@ -438,13 +467,14 @@ def validate(profile: Profile) -> list:
 
 
 def format_table(preds: list, step_1gpu_s: float) -> str:
-    head = f"{'#':>2} {'ulysses':>7} {'ring':>4} {'fp8':>13} {'overlap':>7} {'chunks':>6} " \
+    head = f"{'#':>2} {'ulysses':>7} {'ring':>4} {'fp8':>13} {'overlap':>7} {'chunks':>6} {'staged':>6} " \
            f"{'attn ms':>8} {'comm ms':>8} {'layout ms':>9} {'step ms':>8} {'speedup':>7}"
     lines = [head, "-" * len(head)]
     for i, p in enumerate(preds, 1):
         c = p.choice
         lines.append(f"{i:>2} {c.ulysses:>7} {c.ring:>4} {c.fp8:>13} "
-                     f"{'on' if c.overlap else 'off':>7} {c.chunks:>6} {p.attention_s * 1e3:>8.2f} "
+                     f"{'on' if c.overlap else 'off':>7} {c.chunks:>6} {'on' if c.staged else 'off':>6} "
+                     f"{p.attention_s * 1e3:>8.2f} "
                      f"{p.comm_s * 1e3:>8.2f} {p.layout_s * 1e3:>9.2f} {p.step_s * 1e3:>8.2f} "
                      f"{step_1gpu_s / p.step_s:>6.2f}x")
     return "\n".join(lines)
@@ -458,6 +488,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=FLUX.layers, help="attention layers per step")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--mlp-ratio", type=float, default=FLUX.mlp_ratio)
+    ap.add_argument("--parallel-mlp-layers", type=int, default=FLUX.parallel_mlp_layers,
+                    help="layers whose MLP does not read the attention output (FLUX: its 38 single-stream blocks)")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--ulysses", type=int, help="only this Ulysses degree")
     ap.add_argument("--ring", type=int, help="only this ring degree")
@@ -471,7 +503,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         profile = load_profile(args.device_profile or ["h200x2"])
-        model = Model(args.heads, args.head_dim, args.tokens, args.layers, args.batch, args.mlp_ratio)
+        model = Model(args.heads, args.head_dim, args.tokens, args.layers, args.batch, args.mlp_ratio,
+                      args.parallel_mlp_layers)
         if args.step_1gpu_ms is not None:
             profile = calibrate(profile, model, args.step_1gpu_ms * 1e-3)
         preds = plan(model, profile, args.world, args.ulysses, args.ring, args.fp8)

@@ -78,7 +78,7 @@ def test_more_bandwidth_or_compute_never_predicts_slower(world):
               replace(H200, attn_tflops=H200.attn_tflops * rng.uniform(1.0, 3.0)),
               replace(H200, codec_gbps=H200.codec_gbps * 2, copy_gbps=H200.copy_gbps * 2)]
     def key(c):
-        return c.ulysses, c.ring, c.fp8, c.overlap
+        return c.ulysses, c.ring, c.fp8, c.overlap, c.staged
 
     base = {key(p.choice): p.step_s for p in P.plan(model, H200, world)}
     for prof in faster:
@@ -91,15 +91,17 @@ def test_plan_is_sorted_complete_and_consistent():
     assert [p.step_s for p in preds] == sorted(p.step_s for p in preds)
     degrees = {(p.choice.ulysses, p.choice.ring) for p in preds}
     assert degrees == {(1, 8), (2, 4), (4, 2), (8, 1)}
-    assert len(preds) == 4 * 4  # fp8 x overlap for each factorization
+    # fp8 x (off, overlap) for each factorization, fp8 x staged where Ulysses > 1
+    assert len(preds) == 4 * 4 + 3 * 2
     for p in preds:
         assert p.step_s == pytest.approx(p.rest_s + p.attention_s + p.comm_s + p.layout_s)
         assert p.comm_s >= -1e-15 and p.attention_s > 0
+        assert not (p.choice.staged and p.choice.ulysses == 1)
     # overlap never loses: the schedule can always fall back to one chunk / serial transfers
-    by = {(p.choice.ulysses, p.choice.ring, p.choice.fp8, p.choice.overlap): p for p in preds}
-    for (u, r, f, o), p in by.items():
+    by = {(p.choice.ulysses, p.choice.ring, p.choice.fp8, p.choice.overlap, p.choice.staged): p for p in preds}
+    for (u, r, f, o, st), p in by.items():
         if o:
-            assert p.step_s <= by[(u, r, f, False)].step_s * (1 + 1e-12)
+            assert p.step_s <= by[(u, r, f, False, False)].step_s * (1 + 1e-12)
     # more heads than ranks: ulysses is capped at the head count
     assert {p.choice.ulysses for p in P.plan(replace(P.FLUX, heads=2), H200, 8)} == {1, 2}
 
@@ -164,7 +166,7 @@ def test_cli_prints_a_ranked_table(capsys):
     assert P.main(["--world", "4", "--device-profile", "h200x2"]) == 0
     out = capsys.readouterr().out
     assert "ulysses ring" in out and "fp8 overlap chunks" in out and "step ms" in out
-    assert len([line for line in out.splitlines() if line[:2].strip().isdigit()]) == 12
+    assert len([line for line in out.splitlines() if line[:2].strip().isdigit()]) == 12 + 2 * 2  # staged at U > 1
     assert "diffusers Ulysses-2" in out
     assert P.main(["--world", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -193,6 +195,29 @@ def test_head_group_ratios_decide_the_chunk_count():
     costly = replace(H200, head_group_ratios=((2, 1.5), (4, 3.0)))
     assert P.predict(P.FLUX, costly, P.Choice(2, 1, overlap=True)).choice.chunks == 1
     assert P.Profile.from_dict(H200.to_dict()).head_group_ratios == H200.head_group_ratios
+
+
+def test_staged_hides_all_to_alls_only_behind_projections_and_parallel_mlps():
+    """The staged mode (fastusp_overlap): V's and Q's all-to-alls hide behind the next projections, the
+    output's behind the MLP of parallel-MLP layers; K's and the rest stay exposed."""
+    staged, packed = P.Choice(2, 1, staged=True), P.Choice(2, 1)
+    t = 1 * 24 * (4608 // 2) * 128 * 2  # one of Q/K/V/O, one rank's shard at U=2, bf16
+    a2a = H200.a2a.time(t, t / 2)
+    n, par = P.FLUX.layers, P.FLUX.parallel_mlp_layers
+    # projections and MLPs far slower than any transfer: only K's and the non-parallel layers' outputs show
+    slow = replace(H200, dense_tflops=1e-3)
+    assert P.predict(P.FLUX, slow, staged).comm_s == pytest.approx(n * a2a + (n - par) * a2a, rel=1e-9)
+    # nothing to hide behind: three separate transfers plus the output, never better than one packed
+    fast = replace(H200, dense_tflops=1e9)
+    assert P.predict(P.FLUX, fast, staged).comm_s == pytest.approx(n * 4 * a2a, rel=1e-6)
+    assert P.predict(P.FLUX, fast, staged).comm_s > P.predict(P.FLUX, fast, packed).comm_s
+    # parallel-MLP layers only help; the comparison with packed on the real profile is a prediction
+    no_par = replace(P.FLUX, parallel_mlp_layers=0)
+    assert P.predict(P.FLUX, H200, staged).step_s <= P.predict(no_par, H200, staged).step_s
+    with pytest.raises(ValueError, match="staged=True alone"):
+        P.predict(P.FLUX, H200, P.Choice(2, 1, overlap=True, staged=True))
+    with pytest.raises(ValueError, match="parallel_mlp_layers"):
+        P.predict(replace(P.FLUX, parallel_mlp_layers=99), H200, staged)
 
 
 def test_builtin_h200_head_group_ratios_are_the_recorded_measurement():

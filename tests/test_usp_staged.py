@@ -60,8 +60,8 @@ def staged_worker(cases):
         def proj(name, w, x=x_loc):
             def fn():
                 events.append(name)
-                return _project(x, w, case, dtype)[..., :case.get("wrong_len", None), :] if name == "q" \
-                    else _project(x, w, case, dtype)
+                out = _project(x, w, case, dtype)
+                return out[..., :case.get("wrong_len"), :] if name == "q" else out  # wrong_len: a bad Q
             return fn
 
         kwargs = dict(ulysses_group=ug, ring_group=rg, seq_len=case["seq"], joint_query=jq, joint_key=jk,

@@ -8,11 +8,11 @@ attention + LSE merge: the rotater stock xfuser uses), defined only here, to com
 FastUSP's O(2 x block) ring. If xfuser imports (GPU only), its stock ``USP`` runs the same
 configurations (eager, ``combine_qkv_a2a``, compiled). Finally, lone-call timings of the all-to-all
 and of the ring shift over the whole world at several buffer sizes give the ``a2a`` / ``p2p`` links
-of ``fastusp_xdit.plan``'s profile.
+of ``fastusp_xdit.apps.plan``'s profile.
 
 Every rank runs the same fixed iteration counts (never triton's do_bench, which picks counts per
 rank and hangs NCCL), timed with CUDA events after a barrier; a layer's time is the slowest rank's.
-Processes come from ``fastusp_xdit.launch.run_distributed`` (no torchrun): NCCL on GPUs, gloo with
+Processes come from ``fastusp_xdit.apps.launch.run_distributed`` (no torchrun): NCCL on GPUs, gloo with
 ``--device cpu``. Writes ``$OUT/dist_layer-<device>-w<N>.json`` (default ``benchmarks/results``).
 
     python benchmarks/dist_layer.py --world 2                 # GPUs, FLUX layer (1, 24, 4608, 128) bf16
@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastusp_xdit import layout, usp_attention  # noqa: E402
 from fastusp_xdit.comm import all_to_all, ring_shift  # noqa: E402
-from fastusp_xdit.groups import usp_groups  # noqa: E402
-from fastusp_xdit.launch import run_distributed  # noqa: E402
+from fastusp_xdit.usp.groups import usp_groups  # noqa: E402
+from fastusp_xdit.apps.launch import run_distributed  # noqa: E402
 from fastusp_xdit.ops import attention_with_lse, merge_into  # noqa: E402
-from fastusp_xdit.plan import fit_link  # noqa: E402
+from fastusp_xdit.apps.plan import fit_link  # noqa: E402
 from micro import header, peak_bytes, timed, write_json  # noqa: E402
 
 

@@ -18,8 +18,8 @@ import time
 import torch
 
 from fastusp_xdit.comm.fp8 import fp8_decode, fp8_encode
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import reference_attention, run_cases
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import reference_attention, run_cases
 
 SPECS = ("qvo", "qvo,k", "qvo,k,ring_kv")
 

@@ -12,7 +12,7 @@
 
 Fixed iteration counts after a warm-up, CUDA events on GPU (never triton's do_bench). Writes
 ``$OUT/micro-<device>.json`` (default ``benchmarks/results``) with a ``profile`` section in
-``fastusp_xdit.plan``'s schema (attn_tflops, copy_gbps, ring_step_overhead, head_group_ratios), and a PNG of the
+``fastusp_xdit.apps.plan``'s schema (attn_tflops, copy_gbps, ring_step_overhead, head_group_ratios), and a PNG of the
 ring-emulation overhead against R.
 
     python benchmarks/micro.py                  # CUDA, FLUX shape (1, 24, 4608, 128) bf16

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_layer import allgather_ring  # noqa: E402
 
 from fastusp_xdit import usp_attention  # noqa: E402
-from fastusp_xdit.groups import usp_groups  # noqa: E402
-from fastusp_xdit.launch import run_distributed  # noqa: E402
+from fastusp_xdit.usp.groups import usp_groups  # noqa: E402
+from fastusp_xdit.apps.launch import run_distributed  # noqa: E402
 
 MB = 2**20
 

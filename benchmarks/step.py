@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmark this checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fastusp_xdit.launch import run_distributed  # noqa: E402
+from fastusp_xdit.apps.launch import run_distributed  # noqa: E402
 from fastusp_xdit.xdit.backend import VARIANTS  # noqa: E402
 from micro import header, out_path, timed, write_json  # noqa: E402
 

@@ -6,7 +6,7 @@ Same flags as xDiT's ``examples/flux_example.py``::
         --attention_backend fastusp --ulysses_degree 2 --height 1024 --width 1024 \\
         --num_inference_steps 28 --prompt "a cat playing the cello"
 
-Also runs as ``torchrun ... -m fastusp_xdit.run examples/flux_example.py ...``.
+Also runs as ``torchrun ... -m fastusp_xdit.apps.run examples/flux_example.py ...``.
 """
 from fastusp_xdit.xdit import activate
 

@@ -6,7 +6,7 @@ Same flags as xDiT's ``examples/pixartsigma_example.py``::
         --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --attention_backend fastusp \\
         --ulysses_degree 2 --num_inference_steps 20 --prompt "a cat playing the cello"
 
-Also runs as ``torchrun ... -m fastusp_xdit.run examples/pixartsigma_example.py ...``.
+Also runs as ``torchrun ... -m fastusp_xdit.apps.run examples/pixartsigma_example.py ...``.
 """
 from fastusp_xdit.xdit import activate
 

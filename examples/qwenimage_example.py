@@ -10,7 +10,7 @@ sequence-parallel ``xFuserQwenImageTransformerWrapper``, with xfuser's runtime s
         --num_inference_steps 50 --guidance_scale 4.0 --negative_prompt " " --prompt "a cat playing the cello"
 
 ``--guidance_scale`` is Qwen-Image's ``true_cfg_scale`` (as in xDiT's runner). Also runs as
-``torchrun ... -m fastusp_xdit.run examples/qwenimage_example.py ...``.
+``torchrun ... -m fastusp_xdit.apps.run examples/qwenimage_example.py ...``.
 """
 from fastusp_xdit.xdit import activate
 

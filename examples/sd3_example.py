@@ -6,7 +6,7 @@ Same flags as xDiT's ``examples/sd3_example.py``; CFG parallel composes with fas
         --model stabilityai/stable-diffusion-3-medium-diffusers --attention_backend fastusp \\
         --ulysses_degree 2 --use_cfg_parallel --num_inference_steps 28 --prompt "a cat playing the cello"
 
-Also runs as ``torchrun ... -m fastusp_xdit.run examples/sd3_example.py ...``.
+Also runs as ``torchrun ... -m fastusp_xdit.apps.run examples/sd3_example.py ...``.
 """
 from fastusp_xdit.xdit import activate
 

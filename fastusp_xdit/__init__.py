@@ -1,11 +1,11 @@
 """FastUSP for xDiT: Ulysses x pipelined-ring sequence-parallel attention with traceable communication.
 
 Layers, lowest first (a layer imports only those above it in this list):
-``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives, FP8 codec) -> ``ops``
-(local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm; ``usp_staged``, its
-per-projection entry) -> ``xdit`` (everything
-that touches xfuser; ``activate()``) -> entry points (``cli``, ``run``, ``demo_pipeline``, ``demo_core``,
-``serve``, ``doctor``).
+``layout`` (split sizes from global shapes) -> ``comm`` (functional collectives, wire codecs, packing)
+-> ``ops`` (local attention with LSE, LSE merge) -> ``usp`` (the distributed algorithm: call spec,
+public steps, ``usp_attention``, ``usp_attention_staged``) -> ``xdit`` (everything that touches
+xfuser: the variant registry, ``activate()``) -> ``apps`` (CLI, demo, serve, doctor, launch, run,
+planner).
 
 The names below load on first use (PEP 562): ``fastusp_xdit_autoload.pth`` imports
 ``fastusp_xdit._autoload`` at every interpreter start, which must not import torch.
@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {
     "usp_attention": ".usp",
-    "usp_attention_staged": ".usp_staged",
+    "usp_attention_staged": ".usp",
     "attention_with_lse": ".ops",
     "merge_partials": ".ops",
     "shard": ".layout",

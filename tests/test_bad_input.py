@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 # case -> a substring of the expected message (identical on every rank)
 SAME_ON_ALL_RANKS = {
@@ -96,8 +96,8 @@ def _no_data_collective(*_args, **_kwargs):
 def same_bad_input_worker(runs: list) -> list:
     """Every rank makes the same bad calls (``runs`` = [((ulysses, ring), cases)]) with the data
     collectives disabled; returns the errors."""
-    import fastusp_xdit.usp as usp
-    from fastusp_xdit.groups import usp_groups
+    import fastusp_xdit.usp.attention as usp
+    from fastusp_xdit.usp.groups import usp_groups
 
     usp.all_to_all = usp.ring_shift = _no_data_collective
     errors = []
@@ -136,7 +136,7 @@ def one_bad_rank_worker(cases: list, bad_rank: int) -> list:
     import torch.distributed as dist
 
     from fastusp_xdit import usp_attention
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     os.environ["FASTUSP_CHECK_CONSISTENCY"] = "1"
     ug, _ = usp_groups(2, 1)
@@ -180,7 +180,7 @@ def nonfinite_worker(u: int, r: int, spec: str, seed: int, mode: str) -> list:
     import torch.distributed as dist
 
     from fastusp_xdit import usp_attention
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     os.environ["FASTUSP_CHECK_CONSISTENCY"] = mode
     ug, rg = usp_groups(u, r)

@@ -15,7 +15,7 @@ from fastusp_xdit.ops import select_backend
 REPO = Path(__file__).resolve().parents[1]
 MARK = "=== json ==="
 PROBE = f"""
-from fastusp_xdit.cli import main
+from fastusp_xdit.apps.cli import main
 assert main(["doctor"]) == 0
 print({MARK!r})
 assert main(["doctor", "--json"]) == 0

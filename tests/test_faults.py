@@ -5,7 +5,7 @@ rank finishes or fails within a bounded time, nobody hangs, and the harness's ``
 the failed rank with its own error. Each rank writes its outcome (and when it happened) to a file,
 so a rank the harness had to kill shows up as a missing file.
 (b) One rank passes another global length, local length, dtype, FP8 spec, joint strategy, head
-count or head_dim: the cross-rank check (:mod:`fastusp_xdit.consistency`) raises the same
+count or head_dim: the cross-rank check (:mod:`fastusp_xdit.usp.consistency`) raises the same
 ``ValueError`` on every rank, naming the field and the ranks, before any data collective.
 """
 import json
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fastusp_xdit.launch import WorkerError, run_distributed
+from fastusp_xdit.apps.launch import WorkerError, run_distributed
 
 COLLECTIVE_TIMEOUT = 3.0  # s; gloo's own timeout for every collective in these jobs
 SLACK = 4.0  # s; scheduling slack on 2 shared cores
@@ -27,8 +27,8 @@ def fault_worker(u: int, r: int, bad_rank: int, fault: str, out_dir: str):
     import torch
     import torch.distributed as dist
 
-    import fastusp_xdit.usp as usp
-    from fastusp_xdit.groups import usp_groups
+    import fastusp_xdit.usp.attention as usp
+    from fastusp_xdit.usp.groups import usp_groups
 
     torch.manual_seed(0)
     rank = dist.get_rank()
@@ -137,7 +137,7 @@ def mismatch_worker(u: int, r: int, odd_rank: int, cases: list, mode):
     import torch.distributed as dist
 
     from fastusp_xdit import usp_attention
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     torch.manual_seed(dist.get_rank())
     if mode is None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from fastusp_xdit.comm import all_to_all
 from fastusp_xdit.comm.fp8 import (FP8Options, check_finite, encoded_row_bytes, fp8_decode,
                                    fp8_encode)
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 D = 128

@@ -22,8 +22,8 @@ import pytest
 from test_usp import TOL
 from test_usp_fp8 import PER_TENSOR, fp8_tensors_on_path
 
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import run_cases
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import run_cases
 
 FP8_SPECS = ("qvo", "qvo,k", "qvo,k,ring_kv")
 SLOW_PER_WORLD = 30
@@ -45,7 +45,7 @@ def _length(rng: random.Random, sp: int, allow_zero: bool) -> int:
 
 
 def draw_case(rng: random.Random, ulysses: int, ring: int) -> dict:
-    """One random case for a ``ulysses x ring`` world (a :mod:`fastusp_xdit.verify` case dict)."""
+    """One random case for a ``ulysses x ring`` world (a :mod:`fastusp_xdit.usp.verify` case dict)."""
     sp = ulysses * ring
     heads = rng.randint(ulysses, ulysses + 4)
     joint = rng.choice([None, "front", "rear"])

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from fastusp_xdit.launch import WorkerError, run_distributed
+from fastusp_xdit.apps.launch import WorkerError, run_distributed
 
 
 def raise_on_rank_one():

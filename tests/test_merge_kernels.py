@@ -10,7 +10,7 @@ import torch
 
 from fastusp_xdit.ops import attention_with_lse
 from fastusp_xdit.ops.merge import lse_merge, merge_partials, merge_torch
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.usp.verify import reference_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastusp_xdit.ops import attention_with_lse, merge_partials
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.usp.verify import reference_attention
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

@@ -4,7 +4,7 @@ import torch
 
 from fastusp_xdit import usp_attention
 from fastusp_xdit.ops import attention_with_lse, merge_partials, select_backend
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.usp.verify import reference_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float32: 2e-3, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}  # efficient fp32 uses TF32-free math

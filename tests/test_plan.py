@@ -1,4 +1,4 @@
-"""Performance model and degree planner (fastusp_xdit.plan): calibration, consistency, CLI, profiles."""
+"""Performance model and degree planner (fastusp_xdit.apps.plan): calibration, consistency, CLI, profiles."""
 import json
 import os
 import random
@@ -177,7 +177,7 @@ def test_cli_prints_a_ranked_table(capsys):
 
 
 def test_module_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "fastusp_xdit.plan", "--world", "2"],
+    proc = subprocess.run([sys.executable, "-m", "fastusp_xdit.apps.plan", "--world", "2"],
                           capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr

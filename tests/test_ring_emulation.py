@@ -12,7 +12,7 @@ import torch
 
 from fastusp_xdit import layout, usp
 from fastusp_xdit.ops import select_backend
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.usp.verify import reference_attention
 
 
 def emulated_ring(q, k, v, ring: int, rank: int, fp8=None):

@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 
 def ring_liveness_worker(ring: int, seed: int) -> dict:
@@ -17,9 +17,9 @@ def ring_liveness_worker(ring: int, seed: int) -> dict:
     """
     import torch.distributed._functional_collectives as ft_c
 
-    import fastusp_xdit.usp as usp
+    import fastusp_xdit.usp.attention as usp
     from fastusp_xdit import layout
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     tracked, live_counts, events = [], [], []
     real_shift, real_attend = usp.ring_shift, usp._attend

@@ -1,6 +1,6 @@
 """``fastusp-xdit serve``: request validation, outcome -> answer, bounded group timeouts, and the server itself.
 
-The server tests start ``python -m fastusp_xdit.serve --port 0`` as a subprocess (the tiny random
+The server tests start ``python -m fastusp_xdit.apps.serve --port 0`` as a subprocess (the tiny random
 FLUX.1 pipeline, 2 gloo ranks, loopback only), read the port it prints, and talk HTTP to it. The
 pipeline failure used is real: a 18 x 18 image passes the server's checks (a multiple of the tiny
 pipeline's patch multiple, 2) but its 9 x 9 latent rows do not split over 2 sequence-parallel ranks,
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.serve import answer, bound_timeouts
-from fastusp_xdit.serve_request import MAX_BODY_BYTES, GenerateRequest, Limits, RequestError, parse_request
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.apps.serve import answer, bound_timeouts
+from fastusp_xdit.apps.serve_request import MAX_BODY_BYTES, GenerateRequest, Limits, RequestError, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = Limits(patch_multiple=16, max_size=2048, max_steps=100)
@@ -142,13 +142,13 @@ def test_a_rank_left_in_a_collective_times_out_and_the_service_turns_unhealthy()
 
 
 class Server:
-    """``python -m fastusp_xdit.serve --port 0 ARGS`` with its output collected; HTTP helpers."""
+    """``python -m fastusp_xdit.apps.serve --port 0 ARGS`` with its output collected; HTTP helpers."""
 
     def __init__(self, *args: str, log: Path):
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",  # the CPU/gloo path on any machine
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastusp_xdit.serve", "--port", "0", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastusp_xdit.apps.serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()

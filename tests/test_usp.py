@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import run_cases
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import run_cases
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -84,8 +84,8 @@ def recompile_job(steps: list) -> list:
     import torch.distributed as dist
 
     from fastusp_xdit import layout, usp_attention
-    from fastusp_xdit.groups import usp_groups
-    from fastusp_xdit.verify import reference_attention
+    from fastusp_xdit.usp.groups import usp_groups
+    from fastusp_xdit.usp.verify import reference_attention
 
     compiled, groups, errs = torch.compile(usp_attention, fullgraph=True, backend="aot_eager"), {}, []
     for u, r, hg, s in steps:

@@ -12,8 +12,8 @@ import random
 import pytest
 
 from fastusp_xdit.comm.fp8 import FP8Options
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import run_cases
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import run_cases
 
 PER_TENSOR = 3e-2
 
@@ -66,7 +66,7 @@ def nonfinite_worker():
     import torch
 
     from fastusp_xdit import usp_attention
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     ug, _ = usp_groups(2, 1)
     q, k, v = (torch.randn(1, 4, 8, 16, dtype=torch.bfloat16) for _ in range(3))

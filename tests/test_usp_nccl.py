@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import run_cases
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import run_cases
 
 import test_usp
 import test_usp_fp8

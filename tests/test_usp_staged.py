@@ -15,13 +15,13 @@ import torch
 from test_usp import TOL
 
 from fastusp_xdit import layout
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import reference_attention
 
 
 def _setup(case):
     """Global input and projection weights from the seed; this rank's shard; the groups."""
-    from fastusp_xdit.groups import usp_groups
+    from fastusp_xdit.usp.groups import usp_groups
 
     u, r, b, h, s, d = (case[k] for k in ("ulysses", "ring", "batch", "heads", "seq", "head_dim"))
     g = torch.Generator().manual_seed(case["seed"])
@@ -44,7 +44,7 @@ def _project(x, w, case, dtype):
 def staged_worker(cases):
     from fastusp_xdit import usp as usp_module
     from fastusp_xdit.usp import usp_attention
-    from fastusp_xdit.usp_staged import usp_attention_staged
+    from fastusp_xdit.usp.staged import usp_attention_staged
 
     out = []
     for case in cases:
@@ -85,7 +85,7 @@ def staged_worker(cases):
             q_ref = torch.cat([jq, q_ref] if case["joint"] == "front" else [q_ref, jq], 2)
             keys, values = torch.cat([jk, keys], 2), torch.cat([jv, values], 2)
         ref = reference_attention(q_ref, keys, values)
-        # scaled by the whole output's largest element, as fastusp_xdit.verify does (a rank may own one small row)
+        # scaled by the whole output's largest element, as fastusp_xdit.usp.verify does (a rank may own one small row)
         whole = reference_attention(full[0] if jq is None else torch.cat([jq, full[0]], 2), keys, values)
         res = {"equal": torch.equal(staged, plain), "extra": extra, "events": events[:events.index("after") + 1]}
         res["err"] = ((staged.cpu().double() - ref).abs().max() / whole.abs().max()).item() if ref.numel() else 0.0

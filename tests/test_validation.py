@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastusp_xdit import usp_attention
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 
 def _qkv(b=1, h=4, s=8, d=8, hkv=None, dtype=torch.float32):
@@ -67,8 +67,8 @@ def _no_collective(*_args, **_kwargs):
 
 def bad_input_worker(case: str):
     """On every rank: forbid collectives, call usp_attention with a bad configuration, report the error."""
-    import fastusp_xdit.usp as usp
-    from fastusp_xdit.groups import usp_groups
+    import fastusp_xdit.usp.attention as usp
+    from fastusp_xdit.usp.groups import usp_groups
 
     ug, rg = usp_groups(2, 1)
     usp.all_to_all = usp.ring_shift = _no_collective

@@ -2,9 +2,8 @@
 
 ``--attention_backend fastusp`` reaches xfuser as ``AttentionBackendType["FASTUSP"]`` at seven sites
 (runtime state, runner, hybrid schedules, ...), all of which reject names the enum lacks. The enum is
-closed and every xfuser module holds the class object, so :func:`install` adds the members to that
-same class in place. :data:`VARIANTS` is the one place that knows backend names: each maps to the
-extra keyword arguments :func:`fastusp_xdit.usp.usp_attention` gets for it.
+closed and every xfuser module holds the class object, so :func:`install` adds one member per
+:data:`.variants.VARIANTS` entry to that same class in place (:data:`MEMBERS` maps them back).
 
 The registry entry (xfuser's contract ``fn(q, k, v, dropout_p, is_causal, attention_kwargs) -> (out,
 lse)``) serves xfuser code that calls a backend without ``USP`` (``usp.attention``, stock ring
@@ -17,24 +16,10 @@ import types
 from ..ops import attention_with_lse
 from . import hooks
 from .targets import check_module
+from .variants import VARIANTS
 
-# enum member name -> (enum value, extra usp_attention kwargs)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "FASTUSP": ("FastUSP", {}),
-    "FASTUSP_FP8": ("FastUSP, FP8 Q/V/O all-to-all", {"fp8": "qvo"}),
-    # all-to-alls pipelined with attention over 2 head groups: 2 is the one count whose smaller cuDNN
-    # calls cost ~2% on an H200 (benchmarks/results/micro-h200.json); the gain awaits a 2-GPU run.
-    "FASTUSP_PIPELINED": ("FastUSP, all-to-alls pipelined over 2 head groups", {"head_groups": 2}),
-    # FLUX blocks: Q/K/V all-to-alls issued per projection, output all-to-all behind the single block's
-    # MLP (.flux_overlap); other models run plain fastusp. Opt-in until a 2-GPU run shows a gain.
-    "FASTUSP_OVERLAP": ("FastUSP, FLUX projections and MLP overlapped with the all-to-alls", {}),
-}
-
-# members whose FLUX attention runs staged (fastusp_xdit.usp_staged) instead of through USP
-STAGED = ("FASTUSP_OVERLAP",)
-
-# enum member -> extra usp_attention kwargs; filled when xfuser's attention_backend module loads.
-USP_KWARGS: dict = {}
+# enum member -> its variant; filled when xfuser's attention_backend module loads.
+MEMBERS: dict = {}
 
 _VARLEN_KEYS = ("indices_k", "cu_seqlens_k", "max_seqlen_k")
 
@@ -86,10 +71,10 @@ def _add_member(enum_cls, name: str, value: str):
 # xfuser 0.7.0 core/distributed/attention_backend.py: AttentionBackendType, register_attention_function.
 def _register(module: types.ModuleType):
     check_module(module)
-    for name, (value, usp_kwargs) in VARIANTS.items():
-        member = _add_member(module.AttentionBackendType, name, value)
+    for variant in VARIANTS.values():
+        member = _add_member(module.AttentionBackendType, variant.member, variant.description)
         module.register_attention_function(member)(local_attention)
-        USP_KWARGS[member] = usp_kwargs
+        MEMBERS[member] = variant
 
 
 def install() -> None:

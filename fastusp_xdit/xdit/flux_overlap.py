@@ -2,8 +2,8 @@
 
 xfuser's FLUX processor computes Q, K and V, then one ``USP`` call sends them; a single-stream block
 computes its MLP before the attention and waits for the output all-to-all right after it. With a
-:data:`.backend.STAGED` backend the two patched functions below instead run
-:func:`~fastusp_xdit.usp_staged.usp_attention_staged`:
+:data:`staged <.variants.Variant>` variant the two patched functions below instead run
+:func:`~fastusp_xdit.usp.staged.usp_attention_staged`:
 
 * ``xFuserFluxAttnProcessor.__call__``: V's all-to-all leaves as soon as V is projected, Q's after
   its RMSNorm and RoPE, then K's (dual-stream blocks: text tokens joined first, as xfuser does);

@@ -5,7 +5,7 @@ Takes exactly ``xdit``'s arguments, e.g.
 --prompt "..."``. Like ``xdit`` (``xfuser/cli.py`` in xfuser 0.7.0) it takes out torchrun's options
 (``--nproc_per_node``, ``--nnodes``, ``--node_rank``, ``--master_addr``, ``--master_port``), infers the
 process count from the parallel degrees when ``--nproc_per_node`` is absent, and runs torchrun; each
-worker runs ``python -m fastusp_xdit.run -m xfuser.runner ARGS``, i.e. ``activate()`` and then xfuser's
+worker runs ``python -m fastusp_xdit.apps.run -m xfuser.runner ARGS``, i.e. ``activate()`` and then xfuser's
 runner main. Option handling and the process-count rule are xfuser's own functions, so both CLIs
 agree. torchrun runs in this process (as the ``torchrun`` command does), so signals reach its agent,
 which stops the workers.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-WORKER = ["-m", "fastusp_xdit.run", "-m", "xfuser.runner"]
+WORKER = ["-m", "fastusp_xdit.apps.run", "-m", "xfuser.runner"]
 
 
 def torchrun_argv(args: list[str]) -> list[str]:

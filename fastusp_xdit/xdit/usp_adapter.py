@@ -2,7 +2,7 @@
 
 :func:`USP` has xfuser's signature. On every call it looks up the effective backend (the ``backend``
 argument, else the runtime state's, which per-step hybrid schedules change between steps): a member
-of :data:`.backend.USP_KWARGS` runs fastusp on yunchang's Ulysses/ring groups; anything else goes to
+of :data:`.backend.MEMBERS` runs fastusp on yunchang's Ulysses/ring groups; anything else goes to
 xfuser's own ``USP`` unchanged. Mapping of xfuser's arguments:
 
 * ``joint_query/key/value``, ``joint_strategy``: passed through (same semantics: the replicated
@@ -29,8 +29,7 @@ from typing import Callable, NamedTuple
 
 from yunchang.globals import PROCESS_GROUP
 
-from ..usp import usp_attention
-from ..usp_staged import usp_attention_staged
+from ..usp import usp_attention, usp_attention_staged
 from . import backend as _backend
 from . import hooks
 from .targets import check_module
@@ -87,8 +86,8 @@ def USP(
 ):
     """xfuser's ``USP`` contract (BHSD shards in, this rank's BHSD output out); see the module doc."""
     state = _xf.get_runtime_state()
-    usp_kwargs = _backend.USP_KWARGS.get(state.attention_backend if backend is None else backend)
-    if usp_kwargs is None:
+    variant = _backend.MEMBERS.get(state.attention_backend if backend is None else backend)
+    if variant is None:
         return _xf.usp(query, key, value, dropout_p, is_causal, joint_query, joint_key, joint_value,
                        joint_strategy, attn_layer, combine_qkv_a2a, backend, attention_kwargs,
                        head_balance_layer, kv_head_repeat)
@@ -111,7 +110,7 @@ def USP(
         joint_query=joint_query, joint_key=joint_key, joint_value=joint_value,
         joint_strategy=joint_strategy or None,
         kv_hook=_kv_hook(attn_layer if cached else None, valid_kv_len),
-        **usp_kwargs,
+        **variant.usp_kwargs,
     )
 
 
@@ -128,18 +127,21 @@ def _check_state(state) -> None:
 
 
 def staged_backend() -> bool:
-    """Whether the effective backend is one of :data:`.backend.STAGED` (false before the adapter loads)."""
-    return _xf is not None and _xf.get_runtime_state().attention_backend.name in _backend.STAGED
+    """Whether the effective backend is a staged variant (false before the adapter loads)."""
+    if _xf is None:
+        return False
+    variant = _backend.MEMBERS.get(_xf.get_runtime_state().attention_backend)
+    return variant is not None and variant.staged
 
 
 def staged_usp(value_fn, query_fn, key_fn, after=None):
-    """:func:`~fastusp_xdit.usp_staged.usp_attention_staged` on yunchang's groups with the effective
+    """:func:`~fastusp_xdit.usp.staged.usp_attention_staged` on yunchang's groups with the effective
     backend's options: the call of the FLUX overlap mode (:mod:`.flux_overlap`)."""
     state = _xf.get_runtime_state()
     _check_state(state)
     return usp_attention_staged(value_fn, query_fn, key_fn, after=after,
                                 **_groups(_xf.ulysses_degree(), _xf.ring_degree()),
-                                **_backend.USP_KWARGS[state.attention_backend])
+                                **_backend.MEMBERS[state.attention_backend].usp_kwargs)
 
 
 def _rebind(old, new) -> None:

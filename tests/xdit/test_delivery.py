@@ -1,4 +1,4 @@
-"""How fastusp reaches xfuser's entry points: the .pth import hook and its packaging, ``fastusp_xdit.run``,
+"""How fastusp reaches xfuser's entry points: the .pth import hook and its packaging, ``fastusp_xdit.apps.run``,
 the runner CLI and the upstream plugin patch (``patches/xfuser-0.7.0-attention-backend-plugins.diff``).
 
 Every check runs in a fresh interpreter (a subprocess with a deadline): what is tested is what a new
@@ -171,17 +171,17 @@ def test_run_script_and_module_as_main_after_activation(tmp_path):
     script = tmp_path / "scripts" / "probe_script.py"
     script.parent.mkdir()
     script.write_text(_SCRIPT)
-    res = _result(_python(["-m", "fastusp_xdit.run", str(script), "--prompt", "a cat", "-m"], env=no_hook))
+    res = _result(_python(["-m", "fastusp_xdit.apps.run", str(script), "--prompt", "a cat", "-m"], env=no_hook))
     assert res == {"name": "__main__", "argv": [str(script), "--prompt", "a cat", "-m"],
                    "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"]}, res
 
     (tmp_path / "probe_module.py").write_text(_MODULE)
-    res = _result(_python(["-m", "fastusp_xdit.run", "-m", "probe_module", "x", "--y"], env=no_hook,
+    res = _result(_python(["-m", "fastusp_xdit.apps.run", "-m", "probe_module", "x", "--y"], env=no_hook,
                           pythonpath=[tmp_path]))
     assert res == {"name": "__main__", "argv": [str(tmp_path / "probe_module.py"), "x", "--y"],
                    "activated": True}, res
 
-    proc = _python(["-m", "fastusp_xdit.run", str(tmp_path / "missing.py")], env=no_hook, check=False)
+    proc = _python(["-m", "fastusp_xdit.apps.run", str(tmp_path / "missing.py")], env=no_hook, check=False)
     assert proc.returncode != 0 and "can't open file" in proc.stderr, proc.stderr
 
 
@@ -197,9 +197,9 @@ runner_cli.main(["--nproc_per_node=1", "--master_port=" + sys.argv[1], "--help"]
 def test_runner_cli_runs_xfuser_runner_through_fastusp():
     proc = _python(["-c", _RUNNER_PROBE, str(_free_port())], env={"FASTUSP_XDIT_AUTOLOAD": "0"})
     assert _result(proc) == ["--nnodes=1", "--node_rank=0", "--master_addr=localhost", "--master_port=1",
-                             "--nproc_per_node=4", "-m", "fastusp_xdit.run", "-m", "xfuser.runner",
+                             "--nproc_per_node=4", "-m", "fastusp_xdit.apps.run", "-m", "xfuser.runner",
                              "--model", "m", "--ulysses_degree", "2", "--ring-degree=2"]
-    # the worker (fastusp_xdit.run -m xfuser.runner) printed xfuser's runner help
+    # the worker (fastusp_xdit.apps.run -m xfuser.runner) printed xfuser's runner help
     assert "--attention_backend ATTENTION_BACKEND" in proc.stdout, proc.stdout[-3000:]
 
 

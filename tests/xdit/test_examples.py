@@ -1,6 +1,6 @@
 """The xDiT-style examples in ``examples/`` run end to end under torchrun on tiny random pipelines (gloo, CPU).
 
-FLUX.1 runs the way the README tells users to: ``torchrun -m fastusp_xdit.run examples/flux_example.py``.
+FLUX.1 runs the way the README tells users to: ``torchrun -m fastusp_xdit.apps.run examples/flux_example.py``.
 The slow cases run the other examples as plain scripts (each calls ``activate()`` itself): SD3 with CFG
 parallel x Ulysses 2 on 4 processes, PixArt-Sigma and Qwen-Image with Ulysses 2. torchrun runs in its own
 process group with a deadline; on timeout the whole group is killed.
@@ -64,7 +64,7 @@ def test_flux_example_under_torchrun_with_run_module(tmp_path):
     from fastusp_xdit.xdit.tiny import build_tiny_flux
 
     model = build_tiny_flux(tmp_path / "tiny_flux")
-    image = _torchrun(2, ["-m", "fastusp_xdit.run", str(REPO / "examples" / "flux_example.py")],
+    image = _torchrun(2, ["-m", "fastusp_xdit.apps.run", str(REPO / "examples" / "flux_example.py")],
                       _common_args(model, 16, "--ulysses_degree", "2"), tmp_path)
     _check_image(image, 16, "ulysses2_ring1")
 

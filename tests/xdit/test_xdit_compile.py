@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 TOL = {"aot_eager": 1e-6, "inductor": 1e-4}
 

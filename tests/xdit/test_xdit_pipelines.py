@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 from xdit_helpers import fro_err, rel_err
 
 TOL = 1e-4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import types
 
-from fastusp_xdit.launch import run_distributed
+from fastusp_xdit.apps.launch import run_distributed
 
 
 def targets_job() -> dict:

@@ -19,8 +19,8 @@ import functools
 import pytest
 import torch
 
-from fastusp_xdit.launch import run_distributed
-from fastusp_xdit.verify import reference_attention
+from fastusp_xdit.apps.launch import run_distributed
+from fastusp_xdit.usp.verify import reference_attention
 from xdit_helpers import fro_err, rel_err, xfuser_runtime
 
 B, H, S, D, J = 2, 4, 16, 8, 3   # batch, heads, global tokens, head dim, joint tokens

@@ -26,8 +26,8 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import layout
-from .comm.fp8 import FP8Options
+from .. import layout
+from ..comm.fp8 import FP8Options
 
 ENV = "FASTUSP_CHECK_CONSISTENCY"
 

@@ -12,7 +12,7 @@ import sys
 
 
 def _xdit(args: list[str]) -> int:
-    from .xdit.runner_cli import main as runner_main
+    from ..xdit.runner_cli import main as runner_main
 
     return runner_main(args)
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .comm.packing import unpack
-from .usp import _blocks, _check, _local, _prepare, _recv_in, _send_in, _send_out, _tm
+from ..comm.packing import unpack
+from .attention import _blocks, _check, _local, _prepare, _recv_in, _send_in, _send_out, _tm
 
 
 def _like(x: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:

@@ -53,8 +53,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from . import layout
-from .comm.fp8 import FP8Options, encoded_row_bytes
+from .. import layout
+from ..comm.fp8 import FP8Options, encoded_row_bytes
 
 _BF16 = 2
 
@@ -481,7 +481,7 @@ def format_table(preds: list, step_1gpu_s: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastusp_xdit.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastusp_xdit.apps.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--heads", type=int, default=FLUX.heads)
     ap.add_argument("--head-dim", type=int, default=FLUX.head_dim)
     ap.add_argument("--tokens", type=int, default=FLUX.tokens, help="sequence length, joint text tokens included")

@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from .launch import _free_port
-from .xdit.pipeline import PipelineSpec, backend_names, pipeline_family
+from ..xdit.pipeline import PipelineSpec, backend_names, pipeline_family
 from .serve_request import MAX_BODY_BYTES, GenerateRequest, Limits, RequestError, parse_request
 
 PING_S = 30.0  # rank 0 broadcasts a heartbeat this often when idle (ranks waiting for work would time out)
@@ -95,7 +95,7 @@ def _load(spec: PipelineSpec, ctrl):
     """Load on every rank; (session, errors of all ranks), identical verdict everywhere."""
     import torch.distributed as dist
 
-    from .xdit.pipeline import PipelineSession
+    from ..xdit.pipeline import PipelineSession
 
     session, error = None, None
     try:
@@ -440,14 +440,14 @@ def _validate(p: argparse.ArgumentParser, args) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    from .xdit.pipeline import quiet_libraries
+    from ..xdit.pipeline import quiet_libraries
 
     quiet_libraries()
     pg = _validate(p, args)
     tmp = tempfile.TemporaryDirectory(prefix="fastusp_serve_")
     try:
         if args.model is None:
-            from .xdit.tiny import build_tiny_flux
+            from ..xdit.tiny import build_tiny_flux
 
             model, model_name = build_tiny_flux(os.path.join(tmp.name, "tiny-flux")), "tiny random-weight FLUX.1"
             max_size, dtype, text = args.max_size or 128, args.dtype or "float32", 32
@@ -508,6 +508,6 @@ def _serve(args, spec: PipelineSpec, model_name: str, pg: str) -> int:
 
 
 if __name__ == "__main__":
-    from fastusp_xdit.serve import main as _main  # workers unpickle this module's functions by its real name
+    from fastusp_xdit.apps.serve import main as _main  # workers unpickle this module's functions by its real name
 
     sys.exit(_main())

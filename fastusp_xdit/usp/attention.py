@@ -31,12 +31,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import layout
-from .comm import all_to_all, ring_shift
-from .comm.fp8 import FP8Options, encoded_row_bytes, fp8_encode
-from .comm.packing import pack, part_size, unpack, wire_dtype
+from .. import layout
+from ..comm import all_to_all, ring_shift
+from ..comm.fp8 import FP8Options, encoded_row_bytes, fp8_encode
+from ..comm.packing import pack, part_size, unpack, wire_dtype
 from .consistency import check_call
-from .ops import attention_with_lse, lse_merge, select_backend
+from ..ops import attention_with_lse, lse_merge, select_backend
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 

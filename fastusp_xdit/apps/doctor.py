@@ -34,7 +34,7 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     if out["fastusp-xdit"] is None:
-        from . import __version__
+        from .. import __version__
 
         out["fastusp-xdit"] = f"{__version__} (source tree, not pip-installed)"
     return out
@@ -85,7 +85,7 @@ def _nccl() -> str | None:
 
 
 def _import_hook() -> dict:
-    from .xdit import import_hook
+    from ..xdit import import_hook
 
     dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_path("purelib")]
     files = sorted({os.path.join(d, PTH) for d in dirs if os.path.isfile(os.path.join(d, PTH))})
@@ -96,8 +96,8 @@ def _import_hook() -> dict:
 
 def _xfuser() -> dict:
     """Import xfuser with fastusp active; whether the backend names reached its enum."""
-    from .xdit.pipeline import backend_names, quiet_libraries
-    from .xdit.backend import VARIANTS
+    from ..xdit.pipeline import backend_names, quiet_libraries
+    from ..xdit.backend import VARIANTS
 
     try:
         quiet_libraries()
@@ -111,9 +111,9 @@ def _variants() -> dict:
     """Per backend variant: local attention kernel for bf16 head_dim 128, FP8 codec path."""
     import torch
 
-    from .comm.fp8 import _triton_on
-    from .ops import select_backend
-    from .xdit.backend import VARIANTS
+    from ..comm.fp8 import _triton_on
+    from ..ops import select_backend
+    from ..xdit.backend import VARIANTS
 
     cuda = torch.cuda.is_available()
     probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda:0" if cuda else "cpu")

@@ -3,7 +3,7 @@
 Runs Ulysses-2 and Ring-2 (and world-1) at a FLUX-like shape scaled down for CPUs, in fp32 and bf16,
 with joint text tokens; prints a table of milliseconds per call and relative error, and writes
 ``core_demo.json`` and a PNG chart ``core_demo.png``. (The main demo, through xDiT's pipeline, is
-:mod:`fastusp_xdit.demo_pipeline`.)
+:mod:`fastusp_xdit.apps.demo_pipeline`.)
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 from . import doctor
 from .launch import run_distributed
-from .verify import run_cases
+from ..usp.verify import run_cases
 
 
 def demo_cases(heads: int, seq: int, head_dim: int, joint: int, iters: int) -> list:

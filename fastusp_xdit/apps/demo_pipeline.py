@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from .launch import run_distributed
-from .xdit.pipeline import PipelineSpec, quiet_libraries
+from ..xdit.pipeline import PipelineSpec, quiet_libraries
 
 FASTUSP_BACKENDS = ("fastusp", "fastusp_fp8")
 TINY_DEFAULTS = dict(steps=4, size=64, dtype="float32", max_sequence_length=32)
@@ -38,7 +38,7 @@ def _job(spec: PipelineSpec, backends: tuple, call: dict, progress) -> list | No
     """Worker: load the pipeline, run each backend (None: stock); the last rank returns the results."""
     import torch.distributed as dist
 
-    from .xdit.pipeline import PipelineSession
+    from ..xdit.pipeline import PipelineSession
 
     rank0, world = dist.get_rank() == 0, dist.get_world_size()
     session = PipelineSession(spec)
@@ -136,7 +136,7 @@ def run(model: str | None = None, ulysses: int = 2, ring: int = 1, steps: int | 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="fastusp_demo_") as tmp:
         if model is None:
-            from .xdit.tiny import build_tiny_flux
+            from ..xdit.tiny import build_tiny_flux
 
             print("building the tiny random-weight FLUX.1 pipeline (offline) ...", flush=True)
             model = build_tiny_flux(os.path.join(tmp, "tiny-flux"))

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import layout
+from .. import layout
 from .groups import usp_groups
-from .usp import usp_attention
+from .attention import usp_attention
 
 
 def reference_attention(q, k, v, scale=None):

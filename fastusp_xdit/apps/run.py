@@ -1,12 +1,12 @@
-"""Run a Python script or module with fastusp active: ``python -m fastusp_xdit.run SCRIPT [ARGS...]``.
+"""Run a Python script or module with fastusp active: ``python -m fastusp_xdit.apps.run SCRIPT [ARGS...]``.
 
-``python -m fastusp_xdit.run -m MODULE [ARGS...]`` runs a module instead (``-m xfuser.runner`` is what
+``python -m fastusp_xdit.apps.run -m MODULE [ARGS...]`` runs a module instead (``-m xfuser.runner`` is what
 ``fastusp-xdit-runner`` starts in each worker). The target runs as ``__main__`` with ``sys.argv`` as if
 Python had started it directly (a script's folder goes first on ``sys.path``), so any xDiT example or
 user script accepts ``--attention_backend fastusp`` unchanged. Works as a torchrun target, where each worker is a
 fresh interpreter::
 
-    torchrun --nproc_per_node=2 -m fastusp_xdit.run examples/flux_example.py --model PATH \\
+    torchrun --nproc_per_node=2 -m fastusp_xdit.apps.run examples/flux_example.py --model PATH \\
         --attention_backend fastusp --ulysses_degree 2
 
 Needs no ``.pth`` file and ignores ``FASTUSP_XDIT_AUTOLOAD`` (asking for it is explicit).
@@ -17,7 +17,7 @@ import os
 import runpy
 import sys
 
-USAGE = "usage: python -m fastusp_xdit.run SCRIPT [ARGS...]\n       python -m fastusp_xdit.run -m MODULE [ARGS...]"
+USAGE = "usage: python -m fastusp_xdit.apps.run SCRIPT [ARGS...]\n       python -m fastusp_xdit.apps.run -m MODULE [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv == ["-m"]:
         raise SystemExit(USAGE)
     if argv[0] != "-m" and not os.path.isfile(argv[0]):
-        raise SystemExit(f"fastusp_xdit.run: can't open file {argv[0]!r}\n{USAGE}")
+        raise SystemExit(f"fastusp_xdit.apps.run: can't open file {argv[0]!r}\n{USAGE}")
 
     from fastusp_xdit.xdit import activate
 

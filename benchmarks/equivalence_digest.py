@@ -25,6 +25,7 @@ CASES = [
     dict(u=2, r=1, dtype="bfloat16"), dict(u=2, r=2, dtype="bfloat16", joint="front"),
     dict(u=2, r=1, fp8="qvo"), dict(u=2, r=1, fp8="qvo,k"), dict(u=2, r=2, fp8="qvo,k,ring_kv"),
     dict(u=1, r=2, fp8="qvo,k,ring_kv", dtype="bfloat16"), dict(u=2, r=1, fp8="qvo", head_groups=2),
+    dict(u=2, r=1, fp8="qvo,k", dtype="bfloat16"), dict(u=2, r=2, fp8="qvo,k", dtype="float16", joint="rear"),
     dict(u=2, r=1, staged=True), dict(u=2, r=2, staged=True, joint="front"), dict(u=2, r=1, staged=True, fp8="qvo"),
 ]
 

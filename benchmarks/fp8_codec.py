@@ -318,7 +318,7 @@ def main() -> int:
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
         device_name = torch.cuda.get_device_name(device)
-        if not fp8._triton_on(device.index):
+        if not fp8.triton_serves(device.index):
             print(f"the Triton FP8 path is not active on {device_name} (needs sm >= 8.9 and triton)",
                   file=sys.stderr)
             return 2

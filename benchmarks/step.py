@@ -44,7 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmark this checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastusp_xdit.apps.launch import run_distributed  # noqa: E402
-from fastusp_xdit.xdit.backend import VARIANTS  # noqa: E402
+from fastusp_xdit.xdit.variants import VARIANTS  # noqa: E402
 from micro import header, out_path, timed, write_json  # noqa: E402
 
 # diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev (transformer/config.json)
@@ -57,7 +57,7 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, att
             guidance_embeds=True, axes_dims_rope=(4, 4, 8))
 PIXELS_PER_TOKEN = 16  # FLUX.1: VAE scale factor 8, latents packed 2x2 into one token
 MODES = ("eager", "compile", "reduce-overhead")
-FASTUSP = tuple(name.lower() for name in VARIANTS)  # fastusp, fastusp_fp8, fastusp_pipelined, fastusp_overlap
+FASTUSP = tuple(VARIANTS)  # every fastusp variant
 GOAL_PCT = 1.0  # issue 6: fastusp at most 1% slower than stock at world 1
 
 

@@ -55,3 +55,29 @@ def shard(x, dim: int, length_rank: int, ulysses: int, ring: int):
     """This rank's shard of a global tensor along ``dim`` (``length_rank`` = its sp rank)."""
     sizes = shard_sizes(x.shape[dim], ulysses, ring)
     return x.narrow(dim, offsets(sizes)[length_rank], sizes[length_rank])
+
+
+def chunk_sizes(total: int, parts: int) -> list[int]:
+    """Lengths of ``torch.chunk(x, parts)`` along a dimension of ``total`` items, padded to ``parts`` entries.
+
+    torch.chunk gives every chunk ``ceil(total / parts)`` items and the last one the rest, so it can
+    return fewer than ``parts`` chunks (``chunk(5 items, 4)`` -> 2, 2, 1): the missing ones are 0 here
+    (xfuser's ``torch.chunk(...)[rank]`` raises ``IndexError`` on such a rank). ``total = 0`` gives
+    ``parts`` zeros, as torch.chunk does.
+    """
+    if parts <= 0:
+        raise ValueError(f"parts must be positive, got {parts}")
+    if total <= 0:
+        return [0] * parts
+    size = -(-total // parts)
+    return [max(0, min(size, total - i * size)) for i in range(parts)]
+
+
+def padded_chunk_real(total: int, parts: int) -> tuple[list[int], list[int]]:
+    """xfuser's pad-then-chunk layout: (rows each rank holds, real rows among them, pad at the end).
+
+    xfuser pads ``total`` with zeros to the next multiple of ``parts`` and ``torch.chunk``s it, so every
+    rank holds ``ceil(total / parts)`` rows; the last ``pad`` rows overall are zeros.
+    """
+    size = -(-total // parts) if total > 0 else 0
+    return [size] * parts, [max(0, min(size, total - i * size)) for i in range(parts)]

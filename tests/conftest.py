@@ -8,8 +8,8 @@ import pytest
 # An installed fastusp_xdit_autoload.pth would activate fastusp at the first xfuser import of every test
 # process (spawned workers inherit this variable). Tests activate explicitly; test_delivery checks the hook.
 os.environ["FASTUSP_XDIT_AUTOLOAD"] = "0"
-if "fastusp_xdit.xdit.import_hook" in sys.modules:  # installed in this process at start-up
-    sys.modules["fastusp_xdit.xdit.import_hook"].uninstall()
+if "fastusp_xdit.xdit.hooks" in sys.modules:  # armed in this process at start-up
+    sys.modules["fastusp_xdit.xdit.hooks"].disarm_autoload()
 
 
 @pytest.fixture

@@ -96,17 +96,18 @@ def _no_data_collective(*_args, **_kwargs):
 def same_bad_input_worker(runs: list) -> list:
     """Every rank makes the same bad calls (``runs`` = [((ulysses, ring), cases)]) with the data
     collectives disabled; returns the errors."""
-    import fastusp_xdit.usp.attention as usp
+    import fastusp_xdit.usp.steps as steps
+    from fastusp_xdit.usp import usp_attention
     from fastusp_xdit.usp.groups import usp_groups
 
-    usp.all_to_all = usp.ring_shift = _no_data_collective
+    steps.all_to_all = steps.ring_shift = _no_data_collective
     errors = []
     for (u, r), cases in runs:
         ug, rg = usp_groups(u, r)
         for case in cases:
             (q, k, v), kw = _bad_call(case)
             try:
-                usp.usp_attention(q, k, v, ulysses_group=ug, ring_group=rg, **kw)
+                usp_attention(q, k, v, ulysses_group=ug, ring_group=rg, **kw)
                 errors.append(("no error", ""))
             except Exception as e:  # noqa: BLE001 - the error is the test's evidence
                 errors.append((type(e).__name__, str(e)))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fastusp_xdit import plan as P
+from fastusp_xdit.apps import plan as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")

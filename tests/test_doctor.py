@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from fastusp_xdit import doctor
+from fastusp_xdit.apps import doctor
 from fastusp_xdit.ops import select_backend
+from fastusp_xdit.xdit.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "=== json ==="
@@ -38,9 +39,10 @@ def test_doctor_describes_this_machine_in_text_and_json():
     assert hook["FASTUSP_XDIT_AUTOLOAD"] == "0" and not hook["enabled"], hook
     probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     backends = report["backends"]
-    assert set(backends) == {"fastusp", "fastusp_fp8", "fastusp_pipelined", "fastusp_overlap"}, backends
+    assert set(backends) == set(VARIANTS), backends
     assert all(b["local_attention"] == select_backend(probe) for b in backends.values()), backends
-    assert backends["fastusp"]["fp8_codec"] is None and backends["fastusp_fp8"]["fp8_codec"], backends
+    assert backends["fastusp"]["codec_kernels"] is None and backends["fastusp_fp8"]["codec_kernels"], backends
+    assert backends["fastusp_int8"]["codec_kernels"] == {"int8": "triton" if torch.cuda.is_available() else "torch"}
 
     assert text.strip() == doctor.render(report), "text mode renders the same report"
     for words in (f"torch {torch.__version__}", "flash-attn", "import hook", "--attention_backend fastusp_fp8"):

@@ -27,14 +27,15 @@ def fault_worker(u: int, r: int, bad_rank: int, fault: str, out_dir: str):
     import torch
     import torch.distributed as dist
 
-    import fastusp_xdit.usp.attention as usp
+    import fastusp_xdit.usp.steps as steps
+    from fastusp_xdit.usp import usp_attention
     from fastusp_xdit.usp.groups import usp_groups
 
     torch.manual_seed(0)
     rank = dist.get_rank()
     ug, rg = usp_groups(u, r)
     q, k, v = (torch.randn(1, 2 * u, 3, 8) for _ in range(3))
-    usp.usp_attention(q, k, v, ulysses_group=ug, ring_group=rg)  # a healthy call first (and the consistency check)
+    usp_attention(q, k, v, ulysses_group=ug, ring_group=rg)  # a healthy call first (and the consistency check)
     if rank == bad_rank:
         def broken(*_args, **_kwargs):
             with open(os.path.join(out_dir, "injected"), "w") as f:
@@ -42,10 +43,10 @@ def fault_worker(u: int, r: int, bad_rank: int, fault: str, out_dir: str):
             if fault == "stall":
                 time.sleep(3600)
             raise RuntimeError(f"injected fault on rank {rank}")
-        usp._attend = broken
+        steps.local_attention = broken
     dist.barrier()
     try:
-        usp.usp_attention(q, k, v, ulysses_group=ug, ring_group=rg)
+        usp_attention(q, k, v, ulysses_group=ug, ring_group=rg)
         outcome = {"status": "ok", "t": time.time(), "msg": ""}
     except Exception as e:  # noqa: BLE001 - the outcome is the test's evidence
         outcome = {"status": "error", "t": time.time(), "msg": f"{type(e).__name__}: {e}"}
@@ -159,7 +160,7 @@ def mismatch_worker(u: int, r: int, odd_rank: int, cases: list, mode):
 
 MISMATCH_FIELDS = {"seq_len": "seq_len_q differs", "local_len": "seq_len_q differs",
                    "local_len_given": "key/value tokens where seq_len_kv=",
-                   "dtype": "dtype_q differs", "fp8": "fp8 differs", "joint_strategy": "joint_strategy differs",
+                   "dtype": "dtype_q differs", "fp8": "wire differs", "joint_strategy": "joint_strategy differs",
                    "heads": "heads_q differs", "head_dim": "head_dim differs", "head_groups": "head_groups differs"}
 
 

@@ -156,7 +156,7 @@ def test_non_finite_rows_decode_to_nan(dtype):
     y = fp8_decode(buf, dtype)
     assert y[bad].isnan().all() and not y[~bad].isnan().any(), f"seed {seed}"
     assert torch.equal(y[~bad], fp8_decode(fp8_encode(x[~bad]), dtype)), "finite rows are unaffected"
-    with pytest.raises(ValueError, match="non-finite values.*disable FP8 \\(use backend fastusp\\)"):
+    with pytest.raises(ValueError, match="non-finite values.*disable 8-bit communication \\(use backend fastusp\\)"):
         check_finite(x)
     check_finite(x[~bad])
 

@@ -1,4 +1,4 @@
-"""The pipelined ring on one device: FastUSP's own ``_ring`` with the transfer replaced by a local one.
+"""The pipelined ring on one device: FastUSP's own ``steps.ring`` with the transfer replaced by a local one.
 
 One process plays ring rank ``rank`` of ``R``: the blocks it would receive are the other blocks in
 ring order, in the wire form the ring sends (FP8-encoded with ``ring_kv``). Everything else is the
@@ -10,21 +10,23 @@ itself is captured in tests/test_usp_nccl.py on two GPUs.
 import pytest
 import torch
 
-from fastusp_xdit import layout, usp
+from fastusp_xdit import layout
+from fastusp_xdit.comm.codecs import WireSpec
 from fastusp_xdit.ops import select_backend
+from fastusp_xdit.usp import steps
+from fastusp_xdit.usp.spec import CallSpec
 from fastusp_xdit.usp.verify import reference_attention
 
 
 def emulated_ring(q, k, v, ring: int, rank: int, fp8=None):
     """Ring rank ``rank``'s output (B, H, S, D) of full-length ``q`` against K/V split in ``ring`` blocks."""
-    opts = usp._fp8_options(fp8, q)
     sizes = layout.split_sizes(k.shape[2], ring)
-    kv = [usp._own_block([usp._tm(kb)], [usp._tm(vb)]) for kb, vb in zip(k.split(sizes, 2), v.split(sizes, 2))]
-    plan = usp._Plan(1, ring, 0, rank, [q.shape[2]], [sizes[rank]], [q.shape[1]], [k.shape[1]], [0], [0], sizes,
-                     0, 0, True)
-    received = [usp._ring_wire(kv[(rank - step) % ring], opts) for step in range(1, ring)]
-    out = usp._ring(usp._tm(q), [kv[rank], kv[rank]], plan, None, None, select_backend(q, k), opts,
-                    shift=lambda x, rows, group: received.pop(0))
+    tm = steps.token_major
+    kv = [steps.own_block([tm(kb)], [tm(vb)]) for kb, vb in zip(k.split(sizes, 2), v.split(sizes, 2))]
+    spec = CallSpec(None, None, 1, ring, 0, rank, (q.shape[2],), (sizes[rank],), (q.shape[1],), (k.shape[1],), (0,),
+                    (0,), tuple(sizes), 0, 0, True, backend=select_backend(q, k), wire=WireSpec.of(fp8))
+    received = [steps.ring_encode(kv[(rank - step) % ring], spec) for step in range(1, ring)]
+    out = steps.ring(tm(q), [kv[rank], kv[rank]], spec, shift=lambda x, rows, group: received.pop(0))
     return out.permute(1, 2, 0, 3)
 
 

@@ -17,12 +17,13 @@ def ring_liveness_worker(ring: int, seed: int) -> dict:
     """
     import torch.distributed._functional_collectives as ft_c
 
-    import fastusp_xdit.usp.attention as usp
+    import fastusp_xdit.usp.steps as steps
+    from fastusp_xdit.usp import usp_attention
     from fastusp_xdit import layout
     from fastusp_xdit.usp.groups import usp_groups
 
     tracked, live_counts, events = [], [], []
-    real_shift, real_attend = usp.ring_shift, usp._attend
+    real_shift, real_attend = steps.ring_shift, steps.local_attention
 
     def shift(x, rows, group):
         base = x._base if x._base is not None else x
@@ -33,17 +34,17 @@ def ring_liveness_worker(ring: int, seed: int) -> dict:
         events.append("shift")
         return out
 
-    def attend(q_tm, k_tm, v_tm, scale, backend):
+    def attend(q_tm, k_tm, v_tm, spec):
         live_counts.append(sum(ref() is not None for ref in tracked))
         events.append("attend")
-        return real_attend(q_tm, k_tm, v_tm, scale, backend)
+        return real_attend(q_tm, k_tm, v_tm, spec)
 
-    usp.ring_shift, usp._attend = shift, attend
+    steps.ring_shift, steps.local_attention = shift, attend
     _, rg = usp_groups(1, ring)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, 2, 64 * ring + 3, 8, generator=g) for _ in range(3))
     loc = [layout.shard(t, 2, rg.rank(), 1, ring) for t in (q, k, v)]
-    usp.usp_attention(*loc, ring_group=rg, seq_len_q=q.shape[2], seq_len_kv=k.shape[2])
+    usp_attention(*loc, ring_group=rg, seq_len_q=q.shape[2], seq_len_kv=k.shape[2])
     return {"live": live_counts, "events": events}
 
 

@@ -42,7 +42,7 @@ def _project(x, w, case, dtype):
 
 
 def staged_worker(cases):
-    from fastusp_xdit import usp as usp_module
+    from fastusp_xdit.usp import steps as usp_module
     from fastusp_xdit.usp import usp_attention
     from fastusp_xdit.usp.staged import usp_attention_staged
 

@@ -43,14 +43,14 @@ def test_wrong_global_length():
 
 
 def test_remembered_plan_never_excuses_another_call():
-    """Eager calls reuse the plan of an identical earlier call (usp._PLANS); any other argument is checked anew."""
-    from fastusp_xdit import usp
+    """Eager calls reuse the spec of an identical earlier call (spec._SPECS); any other argument is checked anew."""
+    from fastusp_xdit.usp import spec
 
     q, k, v = _qkv()
     want = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
     for _ in range(2):  # the second call takes the remembered plan
         torch.testing.assert_close(usp_attention(q, k, v, seq_len_q=8), want, rtol=1e-5, atol=1e-5)
-    assert any(key[-2] == 8 for key in usp._PLANS), "the valid call's plan was not remembered"
+    assert any(("seq_len_q", 8) in key for key in spec._SPECS), "the valid call's spec was not remembered"
     with pytest.raises(ValueError, match="seq_len_q"):
         usp_attention(q, k, v, seq_len_q=9)
     with pytest.raises(ValueError, match="same shape"):
@@ -67,11 +67,12 @@ def _no_collective(*_args, **_kwargs):
 
 def bad_input_worker(case: str):
     """On every rank: forbid collectives, call usp_attention with a bad configuration, report the error."""
-    import fastusp_xdit.usp.attention as usp
+    import fastusp_xdit.usp.steps as steps
+    from fastusp_xdit.usp import usp_attention
     from fastusp_xdit.usp.groups import usp_groups
 
     ug, rg = usp_groups(2, 1)
-    usp.all_to_all = usp.ring_shift = _no_collective
+    steps.all_to_all = steps.ring_shift = _no_collective
     q, k, v = _qkv(h=4, s=4)
     kwargs = dict(ulysses_group=ug, ring_group=rg)
     if case == "heads":

@@ -90,11 +90,16 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
 
     given = {k: getattr(args, k) for k in _PIPELINE if getattr(args, k) is not None}
     given.setdefault("ulysses", 2 if args.ring is None else 1)
+    given.setdefault("ring", 1)
     try:
         demo_pipeline.run(**given, out_dir=args.out, timeout=args.timeout,
                           command=shlex.join(["fastusp-xdit", *argv]))
-    except ValueError as e:
-        parser.error(str(e))
+    except demo_pipeline.ConfigError as e:  # nothing started: one message naming the valid choices
+        print(f"fastusp-xdit demo: error: {e}", file=sys.stderr)
+        return 2
+    except demo_pipeline.DemoFailed as e:
+        print(f"fastusp-xdit demo: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

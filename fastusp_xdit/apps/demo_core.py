@@ -8,8 +8,10 @@ with joint text tokens; prints a table of milliseconds per call and relative err
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
+import threading
 import time
 
 from . import doctor
@@ -22,6 +24,37 @@ def demo_cases(heads: int, seq: int, head_dim: int, joint: int, iters: int) -> l
                 joint="front", joint_len=joint, iters=iters)
     return [dict(base, ulysses=u, ring=r, dtype=dt, seed=i)
             for i, (u, r, dt) in enumerate((u, r, dt) for dt in ("float32", "bfloat16") for u, r in ((2, 1), (1, 2)))]
+
+
+def run_cases_reporting(cases: list, progress) -> list:
+    """Worker: :func:`run_cases` one case at a time, rank 0 telling the parent after each (progress)."""
+    import torch.distributed as dist
+
+    out = []
+    for i, case in enumerate(cases):
+        out += run_cases([case])
+        if dist.get_rank() == 0:
+            progress.put((i + 1, len(cases), case))
+    return out
+
+
+def _show(progress, world: int, t0: float) -> None:
+    for done, total, case in iter(progress.get, None):
+        cfg = f"ulysses {case['ulysses']}" if case["ulysses"] > 1 else (f"ring {case['ring']}" if case["ring"] > 1
+                                                                        else "single")
+        print(f"  [{done}/{total} on {world} process{'es' if world > 1 else ''}] {cfg} {case['dtype']} done "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def _run_reporting(world: int, cases: list, timeout: float, threads: int, t0: float) -> list:
+    progress = mp.get_context("spawn").Queue()
+    shown = threading.Thread(target=_show, args=(progress, world, t0), daemon=True)
+    shown.start()
+    try:
+        return run_distributed(run_cases_reporting, world, cases, progress, timeout=timeout, threads=threads)
+    finally:
+        progress.put(None)
+        shown.join(timeout=5)
 
 
 def _table(rows: list) -> str:
@@ -60,12 +93,13 @@ def main(heads: int = 8, seq: int = 2048, head_dim: int = 64, joint: int = 128, 
     """Run the demo; returns the table rows and writes ``out_dir/core_demo.{json,png}``."""
     os.makedirs(out_dir, exist_ok=True)
     cases = demo_cases(heads, seq, head_dim, joint, iters)
-    print(f"FastUSP demo: {len(cases)} configurations on 2 CPU processes (gloo), heads={heads} seq={seq} "
-          f"head_dim={head_dim} joint={joint}", flush=True)
-    t0 = time.perf_counter()
-    per_rank = run_distributed(run_cases, 2, cases, timeout=timeout, threads=max(1, (os.cpu_count() or 2) // 2))
     single = [dict(c, ulysses=1, ring=1) for c in cases[::2]]
-    per_rank_1 = run_distributed(run_cases, 1, single, timeout=timeout, threads=os.cpu_count() or 1)
+    print(f"FastUSP demo: {len(cases)} configurations on 2 CPU processes (gloo) and {len(single)} on 1 process "
+          f"({len(cases) + len(single)} rows), heads={heads} seq={seq} head_dim={head_dim} joint={joint}; "
+          "starting the processes ...", flush=True)
+    t0 = time.perf_counter()
+    per_rank = _run_reporting(2, cases, timeout, max(1, (os.cpu_count() or 2) // 2), t0)
+    per_rank_1 = _run_reporting(1, single, timeout, os.cpu_count() or 1, t0)
     rows = []
     for res1 in per_rank_1[0]:
         rows.append(dict(config="single", dtype=res1["case"]["dtype"], world=1, ms=res1["ms"], err=res1["err"]))

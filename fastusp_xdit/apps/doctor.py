@@ -85,35 +85,35 @@ def _nccl() -> str | None:
 
 
 def _import_hook() -> dict:
-    from ..xdit import import_hook
+    from ..xdit import hooks
 
     dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_path("purelib")]
     files = sorted({os.path.join(d, PTH) for d in dirs if os.path.isfile(os.path.join(d, PTH))})
     env = os.environ.get("FASTUSP_XDIT_AUTOLOAD")
     return {"pth_files": files, "FASTUSP_XDIT_AUTOLOAD": env, "enabled": bool(files) and (env or "1").strip() != "0",
-            "armed_in_this_process": import_hook.installed()}
+            "armed_in_this_process": hooks.autoload_armed()}
 
 
 def _xfuser() -> dict:
     """Import xfuser with fastusp active; whether the backend names reached its enum."""
     from ..xdit.pipeline import backend_names, quiet_libraries
-    from ..xdit.backend import VARIANTS
+    from ..xdit.variants import VARIANTS
 
     try:
         quiet_libraries()
         names = backend_names()
     except Exception as e:  # a broken install is exactly what doctor must report
         return {"imports": False, "error": f"{type(e).__name__}: {e}"}
-    return {"imports": True, "fastusp_backends_registered": all(n.lower() in names for n in VARIANTS)}
+    return {"imports": True, "fastusp_backends_registered": all(n in names for n in VARIANTS)}
 
 
 def _variants() -> dict:
-    """Per backend variant: local attention kernel for bf16 head_dim 128, FP8 codec path."""
+    """Per backend variant: local attention kernel for bf16 head_dim 128, its wire codecs and their kernels."""
     import torch
 
-    from ..comm.fp8 import _triton_on
+    from ..comm.codecs import CODECS, TENSORS, WireSpec
     from ..ops import select_backend
-    from ..xdit.backend import VARIANTS
+    from ..xdit.variants import VARIANTS
 
     cuda = torch.cuda.is_available()
     probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device="cuda:0" if cuda else "cpu")
@@ -121,10 +121,13 @@ def _variants() -> dict:
         local = select_backend(probe)
     except ValueError as e:  # a bad FASTUSP_ATTN_BACKEND
         local = f"error: {e}"
-    codec = ("triton" if _triton_on(0) else "torch") if cuda else "torch (CPU)"
-    return {name.lower(): {"local_attention": local, "usp_kwargs": kwargs,
-                           "fp8_codec": codec if "fp8" in kwargs else None}
-            for name, (_, kwargs) in VARIANTS.items()}
+    out = {}
+    for name, variant in VARIANTS.items():
+        wire = WireSpec.of(variant.wire)
+        codecs = sorted({getattr(wire, t) for t in TENSORS} - {"raw"})
+        out[name] = {"local_attention": local, "usp_kwargs": variant.usp_kwargs, "wire": str(wire),
+                     "codec_kernels": {c: CODECS[c]().kernel(probe.device) for c in codecs} or None}
+    return out
 
 
 def collect() -> dict:
@@ -166,9 +169,9 @@ def render(r: dict) -> str:
         lines.append(f"FASTUSP_ATTN_BACKEND={r['FASTUSP_ATTN_BACKEND']} forces the local kernel")
     lines.append("backends (bf16, head_dim 128):")
     for name, b in r["backends"].items():
-        comm = (f"FP8 {b['usp_kwargs']['fp8']} all-to-all, codec {b['fp8_codec']}" if b["fp8_codec"]
-                else "input-dtype communication")
-        lines.append(f"  --attention_backend {name:<12} local kernel {b['local_attention']}; {comm}")
+        kernels = ", ".join(f"{c} {k}" for c, k in (b["codec_kernels"] or {}).items())
+        comm = f"wire {b['wire']} ({kernels})" if b["codec_kernels"] else "input-dtype communication"
+        lines.append(f"  --attention_backend {name:<17} local kernel {b['local_attention']}; {comm}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,15 @@ _GRACE_S = 3.0  # after a first failure, how long to wait for the other ranks' r
 
 
 class WorkerError(RuntimeError):
-    """One or more ranks raised; the message carries each failing rank's traceback."""
+    """One or more ranks raised; the message carries each failing rank's traceback.
+
+    ``errors``: {rank: traceback text}, in the order the parent heard of them (the first is most likely
+    the cause; peers of a failed rank usually fail next, on a broken connection).
+    """
+
+    def __init__(self, message: str, errors: dict | None = None):
+        super().__init__(message)
+        self.errors = dict(errors or {})
 
 
 def _free_port() -> int:
@@ -45,8 +53,15 @@ def _worker(rank, world, port, backend, coll_timeout, threads, fn, args, results
                                 timeout=datetime.timedelta(seconds=coll_timeout))
         try:
             out = fn(*args)
-        finally:
+        except BaseException:
+            # report before the group goes down (its peers then fail on a closed connection): the parent
+            # hears of the cause first (WorkerError.errors keeps that order)
+            results.put((rank, False, traceback.format_exc()))
+            results.close()
+            results.join_thread()
             dist.destroy_process_group()
+            return
+        dist.destroy_process_group()
         results.put((rank, True, out))
     except BaseException:  # report everything, including KeyboardInterrupt in a child
         results.put((rank, False, traceback.format_exc()))
@@ -99,7 +114,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             note = (f"\n\nranks {silent} of {world_size} neither finished nor failed within {_GRACE_S:.0f} s of the "
                     f"first failure (hung?) and were killed" if silent else "")
             raise WorkerError("\n\n".join(f"rank {r} of {world_size} failed:\n{tb}" for r, tb in sorted(errors.items()))
-                              + note)
+                              + note, errors)
     finally:
         for p in procs:
             if p.is_alive():

@@ -1,4 +1,4 @@
-"""Performance model and degree planner: predicted step time for every (ulysses, ring, fp8, overlap, staged).
+"""Performance model and degree planner: predicted step time for every (ulysses, ring, wire, pipelined, staged).
 
 Inputs are a model shape (:class:`Model`: heads, head_dim, tokens, layers, batch, MLP ratio), a
 world size and a device :class:`Profile` of measured numbers. Per attention layer, per rank:
@@ -9,27 +9,44 @@ world size and a device :class:`Profile` of measured numbers. Per attention laye
   Q, K, V all-to-alls, as diffusers and stock xfuser do), each costing
   ``latency + buffer*(U-1)/U / bw(buffer)``; plus layout copies at HBM copy speed (one per tensor
   packed, two per tensor unpacked: permute before, permute after);
-* ring (R > 1): ``R-1`` transfers of the K/V block at the p2p link; with ``overlap`` each transfer
-  hides behind the previous block's compute (``(R-1)*max(c, p) + c``), else ``R*c + (R-1)*p``;
-* ``overlap`` pipelines the Ulysses all-to-alls by head groups (``chunks`` groups, as
-  ``usp_attention(head_groups=chunks)`` cuts them: balanced, the best count is chosen): a
-  two-resource schedule, link then compute. A profile's ``head_group_ratios`` ((G, time of G calls
-  / one call) at one Ulysses-2 rank's heads, from benchmarks/micro.py) prices the smaller kernels
-  and limits G to the measured counts; without it any G is considered at no compute cost;
-* ``staged`` (``usp_attention_staged``, ``fastusp_overlap``): V's, Q's and K's all-to-alls run one
-  after another on the link, each starting once its projection (``2*B*S_local*(H*D)^2`` FLOPs at
-  ``dense_tflops``) is done, so only the time past the three projections counts; the output's
-  all-to-all hides behind the MLP up-projection (``2*B*S_local*(H*D)*ratio*(H*D)`` FLOPs) in the
-  model's ``parallel_mlp_layers`` (FLUX's single-stream blocks). Assumes NCCL and matmuls run
-  concurrently at full speed (no SM contention): an upper bound on the gain;
-* ``fp8`` (an ``FP8Options`` spec: which of Q/V/O, K, the ring's K/V travel in FP8) scales those
-  tensors' wire bytes by ``(D+4)/(2D)`` (e4m3 payload + an fp32 scale per (token, head) row; 0.516
-  at D=128) and replaces their pack copy by an encode and a decode at ``codec_gbps`` (bytes read +
-  written, like ``copy_gbps``).
+* ring (R > 1): ``R-1`` transfers of the K/V block at the p2p link. FastUSP's ring (``packed``,
+  every registry variant) issues each block's transfer before computing on the previous block, so
+  it hides behind that compute (``(R-1)*max(c, p) + c``); the unpacked comparison path pays them
+  serially (``R*c + (R-1)*p``) unless ``pipelined``;
+* ``pipelined`` pipelines the Ulysses all-to-alls with attention by head groups (``chunks`` groups,
+  as ``usp_attention(head_groups=chunks)`` cuts them and the registry's head-group variant runs
+  them: balanced, the best count is chosen unless ``chunks`` is given): a two-resource
+  schedule, link then compute. A profile's ``head_group_ratios`` ((G, time of G calls / one call) at
+  one Ulysses-2 rank's heads, from benchmarks/micro.py) prices the smaller kernels and limits G to
+  the measured counts; without it any G is considered at no compute cost;
+* ``staged`` (``usp_attention_staged``, the registry's staged variant): V's, Q's and K's
+  all-to-alls run one after another on the link, each starting once its projection
+  (``2*B*S_local*(H*D)^2`` FLOPs at ``dense_tflops``) is done, so only the time past the three
+  projections counts; the output's all-to-all hides behind the MLP up-projection
+  (``2*B*S_local*(H*D)*ratio*(H*D)`` FLOPs) in the model's ``parallel_mlp_layers`` (FLUX's
+  single-stream blocks). Assumes NCCL and matmuls run concurrently at full speed (no SM
+  contention): an upper bound on the gain;
+* ``wire`` (a :class:`fastusp_xdit.comm.codecs.WireSpec` string: the codec of each of Q, K, V, O
+  and the ring's K/V) sets each tensor's wire bytes to its codec's ``nbytes`` for that tensor's
+  shape: e4m3 and int8 rows alike are ``D`` bytes + an fp32 scale per (token, head) row (0.516 of
+  bf16 at D=128), plus the codec's fp32 per-(batch, head, channel) statistics, ``B*H*D*4`` bytes
+  each (e4m3: K's mean over tokens; int8: every tensor's mean and rms deviation), so codecs differ
+  only there. A lossy tensor's pack copy becomes an encode and a decode at ``codec_gbps`` (bytes
+  read + written, like ``copy_gbps``; the statistics' passes are not priced). Every lossy codec is
+  priced at that one rate, the e4m3 encoder's measured speed: int8 is assumed to encode as fast
+  until it is measured.
 
 The rest of the step (projections, MLP, norms) is ``layers * 2*(4+2*mlp_ratio)*B*S*(H*D)^2`` FLOPs
 at ``dense_tflops``, divided by the world size; ``dense_tflops`` is calibrated so that world 1
 reproduces a measured one-GPU step (:func:`calibrate`).
+
+:func:`plan` considers the wire specs ``"none"``, every registry variant's
+(:data:`fastusp_xdit.xdit.variants.VARIANTS`) and one extra (``wire_on``), each with and without
+head-group pipelining and staging (Ulysses > 1), plus each registry variant's own head-group
+count; every :class:`Prediction` names the registry variant (``--attention_backend``) that runs its
+choice, or ``"-"`` where only ``usp_attention(wire=..., head_groups=...)`` arguments do
+(:func:`variant_of`). FastUSP's ring always overlaps its transfers, so at Ulysses 1 the rows differ
+only in ``wire``.
 
 A link's bandwidth is piecewise linear in log(buffer bytes) over measured points (clamped at the
 ends) plus a fixed latency; :func:`fit_link` derives both from lone-call timings (each collective
@@ -53,8 +70,11 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
+import torch
+
 from .. import layout
-from ..comm.fp8 import FP8Options, encoded_row_bytes
+from ..comm.codecs import WireSpec
+from ..xdit.variants import VARIANTS
 
 _BF16 = 2
 
@@ -89,18 +109,22 @@ FLUX = Model(heads=24, head_dim=128, tokens=4608, layers=57, parallel_mlp_layers
 class Choice:
     """One parallel configuration.
 
-    ``fp8``: what travels in FP8, a ``fastusp_xdit.comm.fp8.FP8Options`` spec (``"none"``, ``"qvo"``,
-    ``"qvo,k"``, ``"qvo,k,ring_kv"``), as ``usp_attention(fp8=...)`` takes it. ``packed``: one
-    Q|K|V all-to-all (FastUSP) or three (diffusers, stock xfuser). ``chunks``: Ulysses head groups
-    when overlapping, ``usp_attention(head_groups=chunks)`` (None = the best count). ``staged``:
-    ``usp_attention_staged`` (``--attention_backend fastusp_overlap``): V's, Q's and K's all-to-alls
-    each issued after its projection, the output's behind a parallel MLP; one head group.
+    ``wire``: the codec of each travelling tensor, a :class:`fastusp_xdit.comm.codecs.WireSpec`
+    spec string as ``usp_attention(wire=...)`` takes it, any codec: ``"none"``, ``"qvo"``,
+    ``"qvo,k"``, ``"qvo,k,ring_kv"`` (bare items are e4m3), ``"qvo=int8,k=int8"``...
+    ``pipelined``: the Ulysses all-to-alls pipelined with attention over ``chunks`` head groups,
+    ``usp_attention(head_groups=chunks)`` (``chunks`` None = the best count; a no-op at Ulysses 1).
+    ``packed``: one Q|K|V all-to-all and FastUSP's pipelined ring, or three all-to-alls (diffusers,
+    stock xfuser) and a serial ring. ``staged``: ``usp_attention_staged`` (the registry's staged FLUX
+    variant): V's, Q's and K's all-to-alls each issued after its projection, the output's behind a
+    parallel MLP; one head group. (Formerly ``fp8`` and ``overlap``; profile JSON with those keys
+    still loads.)
     """
 
     ulysses: int
     ring: int
-    fp8: str = "none"
-    overlap: bool = False
+    wire: str = "none"
+    pipelined: bool = False
     packed: bool = True
     chunks: Optional[int] = None
     staged: bool = False
@@ -187,11 +211,17 @@ class Profile:
         links = {k: None if d.get(k) is None else Link(float(d[k]["latency_s"]),
                                                        tuple((float(b), float(g)) for b, g in d[k]["points"]))
                  for k in ("a2a", "p2p")}
-        steps = tuple(Measurement(m["source"], Model(**m["model"]), Choice(**m["choice"]), float(m["seconds"]))
+        steps = tuple(Measurement(m["source"], Model(**m["model"]), _choice(m["choice"]), float(m["seconds"]))
                       for m in d.get("measured_steps", ()))
         return cls(name=str(d["name"]), **{k: float(d[k]) for k in _REQUIRED[1:]},
                    head_group_ratios=tuple((int(g), float(x)) for g, x in d.get("head_group_ratios", ())),
                    measured_steps=steps, **links)
+
+
+def _choice(d: dict) -> Choice:
+    """A Choice from its JSON dict; the former keys ``fp8`` / ``overlap`` are read as ``wire`` / ``pipelined``."""
+    renamed = {"fp8": "wire", "overlap": "pipelined"}
+    return Choice(**{renamed.get(k, k): v for k, v in d.items()})
 
 
 _REQUIRED = ("name", "attn_tflops", "dense_tflops", "copy_gbps", "codec_gbps", "ring_step_overhead")
@@ -282,7 +312,11 @@ def load_profile(specs) -> Profile:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Per-step seconds of one choice; ``comm_s`` is communication left exposed (not hidden)."""
+    """Per-step seconds of one choice; ``comm_s`` is communication left exposed (not hidden).
+
+    ``variant``: the registry variant (``--attention_backend`` name) that runs ``choice``, or ``"-"``
+    where only ``usp_attention`` arguments do (:func:`variant_of`).
+    """
 
     choice: Choice
     step_s: float
@@ -290,6 +324,7 @@ class Prediction:
     attention_s: float
     comm_s: float
     layout_s: float
+    variant: str = "-"
 
 
 def _check(cond: bool, msg: str):
@@ -304,9 +339,9 @@ def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[in
            f"parallel_mlp_layers must be in [0, layers={model.layers}], got {model.parallel_mlp_layers}")
     u, r = choice.ulysses, choice.ring
     _check(u >= 1 and r >= 1, f"ulysses ({u}) and ring ({r}) must be >= 1")
-    _check(isinstance(choice.fp8, str),
-           f"fp8 must be a spec string such as 'none' or 'qvo,k', got {choice.fp8!r}")
-    FP8Options.parse(choice.fp8)  # raises ValueError naming the accepted words
+    _check(isinstance(choice.wire, str),
+           f"wire must be a spec string such as 'none', 'qvo,k' or 'qvo=int8,k=int8', got {choice.wire!r}")
+    WireSpec.parse(choice.wire)  # raises ValueError naming the accepted words
     _check(world is None or u * r == world, f"ulysses {u} x ring {r} = {u * r} does not factor world size "
            f"{world}: pick degrees whose product is {world}")
     _check(u <= model.heads, f"ulysses degree {u} exceeds the {model.heads} heads: use ulysses <= {model.heads} "
@@ -317,7 +352,7 @@ def _validate(model: Model, profile: Profile, choice: Choice, world: Optional[in
                f"profile {profile.name!r} has no {kind} measurements: run benchmarks/dist_layer.py on this "
                f"machine and pass --device-profile {profile.name} "
                f"--device-profile benchmarks/results/dist_layer-cuda-w<N>.json")
-    _check(not (choice.staged and (choice.overlap or not choice.packed)),
+    _check(not (choice.staged and (choice.pipelined or not choice.packed)),
            "staged runs its own all-to-all schedule with one head group: pass staged=True alone")
     if choice.chunks is not None:
         heads = min(layout.head_split(model.heads, model.heads, u)[0])
@@ -342,39 +377,47 @@ def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> 
     """(total, compute, layout) seconds of one attention layer on one rank, and the chunk count used;
     ``parallel_mlp``: the layer's MLP can hide a staged output all-to-all."""
     u, r, d = ch.ulysses, ch.ring, model.head_dim
-    fp8 = FP8Options.parse(ch.fp8)
+    spec = WireSpec.parse(ch.wire)
     heads = max(layout.head_split(model.heads, model.heads, u)[0])
     block = max(layout.block_sizes(model.tokens, u, r))
     shard = max(layout.shard_sizes(model.tokens, u, r))
-    f8 = encoded_row_bytes(d) / (d * _BF16)  # FP8 bytes per bf16 byte: 0.516 at D=128
 
-    def wire(on: bool) -> float:
-        return f8 if on else 1.0
+    # Wire bytes of each tensor from its codec (bf16 inputs): one of Q/K/V/O is this rank's shard, all
+    # heads, token-major as the all-to-all sends it; the ring sends this rank's K and V block.
+    a2a_shape = (shard, model.batch, model.heads, d)
+    ring_shape = (block, model.batch, heads, d)
+    tensor = math.prod(a2a_shape) * _BF16
+    half = math.prod(ring_shape) * _BF16  # the ring's K (or V) block in bf16
+    kv = 2 * half
+    sent = {t: spec.codec(t).nbytes(a2a_shape, torch.bfloat16) for t in "qkvo"}
+    ring_sent = {t: spec.codec(t).nbytes(ring_shape, torch.bfloat16) for t in ("ring_k", "ring_v")}
+    kv_wire = sum(ring_sent.values())
 
     compute = 4.0 * model.batch * heads * block * model.tokens * d / (p.attn_tflops * 1e12)
     compute *= 1 + p.ring_step_overhead * (r - 1)
-    kv = 2 * model.batch * heads * block * d * _BF16  # the packed K/V ring block
 
     def ring(frac: float) -> float:
-        """Attention of ``frac`` of the local heads; R-1 K/V transfers, hidden behind compute with overlap."""
+        """Attention of ``frac`` of the local heads; R-1 K/V transfers, hidden behind compute in FastUSP's ring."""
         step_c = compute * frac / r
-        xfer = p.p2p.time(kv * frac * wire(fp8.ring_kv), kv * frac * wire(fp8.ring_kv)) if r > 1 else 0.0
-        return (r - 1) * max(step_c, xfer) + step_c if ch.overlap or ch.staged else r * step_c + (r - 1) * xfer
+        xfer = p.p2p.time(kv_wire * frac, kv_wire * frac) if r > 1 else 0.0
+        hidden = ch.packed or ch.pipelined or ch.staged
+        return (r - 1) * max(step_c, xfer) + step_c if hidden else r * step_c + (r - 1) * xfer
 
-    # Layout work, bytes read + written: a pack/unpack copy per bf16 tensor sent (two unpacked), an
-    # encode and a decode per FP8 tensor (bf16 side + FP8 side), FP8 ring blocks decoded on arrival.
-    tensor = model.batch * model.heads * shard * d * _BF16  # one of Q/K/V/O, this rank's shard
+    # Layout work, bytes read + written: a pack/unpack copy per raw tensor sent (two unpacked), an
+    # encode and a decode per lossy tensor (bf16 side + wire side), lossy ring blocks decoded on arrival.
     codec = copy = 0.0
     if u > 1:
-        for on in (fp8.qvo, fp8.k, fp8.qvo, fp8.qvo):  # Q, K, V, O
-            if on:
-                codec += 2 * tensor * (1 + f8)
+        for t in "qkvo":
+            if spec.codec(t).lossy:
+                codec += 2 * (tensor + sent[t])
             else:
                 copy += (1 if ch.packed else 2) * 2 * tensor
-    elif r > 1 and not fp8.ring_kv:
-        copy += 2 * kv  # K and V packed into one ring block
-    if r > 1 and fp8.ring_kv:
-        codec += r * kv * (1 + f8)  # encode the own block, decode R-1 arrivals
+    if r > 1:
+        for t, nbytes in ring_sent.items():
+            if spec.codec(t).lossy:
+                codec += r * (half + nbytes)  # encode the own block, decode R-1 arrivals
+            elif u == 1:
+                copy += 2 * half  # K and V packed into one ring block
     lay = codec / (p.codec_gbps * 1e9) + copy / (p.copy_gbps * 1e9)
     if u == 1:
         return ring(1.0) + lay, compute, lay, 1
@@ -382,14 +425,13 @@ def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> 
     def a2a(buf):
         return p.a2a.time(buf, buf * (u - 1) / u)
 
-    factors = (wire(fp8.qvo), wire(fp8.k), wire(fp8.qvo))  # Q, K, V
     if ch.staged:  # projections and the MLP are in the rest of the step: only what they cannot hide counts
         hidden = model.heads * d
         proj = 2.0 * model.batch * shard * hidden ** 2 / (p.dense_tflops * 1e12)  # one of V, Q, K
         link = 0.0
-        for i, w in enumerate((factors[2], factors[0], factors[1]), 1):  # V, Q, K, each after its projection
-            link = max(link, i * proj) + a2a(tensor * w)
-        out = a2a(tensor * wire(fp8.qvo))
+        for i, t in enumerate("vqk", 1):  # V, Q, K, each after its projection
+            link = max(link, i * proj) + a2a(sent[t])
+        out = a2a(sent["o"])
         mlp = 2.0 * model.batch * shard * hidden * model.mlp_ratio * hidden / (p.dense_tflops * 1e12)
         return link - 3 * proj + ring(1.0) + (max(0.0, out - mlp) if parallel_mlp else out) + lay, compute, lay, 1
 
@@ -397,13 +439,13 @@ def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> 
 
     def ulysses(g: int) -> float:
         fracs = [h / heads for h in layout.split_sizes(heads, g)]
-        qkv = [a2a(tensor * sum(factors) * f) if ch.packed else sum(a2a(tensor * w * f) for w in factors)
-               for f in fracs]
+        qkv = [a2a((sent["q"] + sent["k"] + sent["v"]) * f) if ch.packed else
+               sum(a2a(sent[t] * f) for t in "qkv") for f in fracs]
         comps = [ring(f) * ratios.get(g, 1.0) for f in fracs]
-        outs = [a2a(tensor * wire(fp8.qvo) * f) for f in fracs]
+        outs = [a2a(sent["o"] * f) for f in fracs]
         return _pipeline(qkv, comps, outs)
 
-    if ch.overlap:
+    if ch.pipelined:
         most = min(layout.head_split(model.heads, model.heads, u)[0])
         counts = [1] + [g for g, _ in p.head_group_ratios if 1 < g <= most] if p.head_group_ratios else \
             range(1, most + 1)
@@ -411,6 +453,32 @@ def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> 
     else:
         g = 1
     return ulysses(g) + lay, compute, lay, g
+
+
+def _head_groups(variant) -> int:
+    return int(variant.usp_kwargs.get("head_groups", 1))
+
+
+def _priced(variant) -> bool:
+    """Whether the model prices everything the variant changes (its usp_attention arguments)."""
+    return set(variant.usp_kwargs) <= {"wire", "head_groups"}
+
+
+def variant_of(choice: Choice) -> str:
+    """The registry variant (:data:`fastusp_xdit.xdit.variants.VARIANTS`) that runs ``choice``, else ``"-"``.
+
+    It matches when its wire spec equals ``choice.wire`` (as parsed), its staged flag ``choice.staged``
+    and its head groups the choice's (``chunks`` when ``pipelined``, else 1; at Ulysses 1, where
+    there are no head groups, 1). Unpacked choices (diffusers' separate all-to-alls) run no variant;
+    a pipelined choice with ``chunks`` 1 runs what the unpipelined one does.
+    """
+    wire = WireSpec.parse(choice.wire)
+    groups = choice.chunks if choice.pipelined and choice.ulysses > 1 else 1
+    for v in VARIANTS.values():
+        if (_priced(v) and choice.packed and v.staged == choice.staged and _head_groups(v) == groups
+                and WireSpec.parse(v.wire) == wire):
+            return v.name
+    return "-"
 
 
 def predict(model: Model, profile: Profile, choice: Choice) -> Prediction:
@@ -422,16 +490,32 @@ def predict(model: Model, profile: Profile, choice: Choice) -> Prediction:
     n = model.layers
     par = min(model.parallel_mlp_layers, n) if choice.staged else 0
     layers = (n - par) * layer + (par * _layer(model, profile, choice, parallel_mlp=True)[0] if par else 0.0)
-    return Prediction(replace(choice, chunks=g), rest + layers, rest, n * compute, layers - n * (compute + lay),
-                      n * lay)
+    resolved = replace(choice, chunks=g)
+    return Prediction(resolved, rest + layers, rest, n * compute, layers - n * (compute + lay), n * lay,
+                      variant_of(resolved))
+
+
+def wire_specs(wire_on: Optional[str] = "qvo,k,ring_kv") -> list:
+    """The wire specs :func:`plan` considers, canonical and deduplicated: ``"none"``, every registry
+    variant's, then ``wire_on`` (None: no extra)."""
+    out: list = []
+    for spec in ("none", *(v.wire for v in VARIANTS.values()), *([wire_on] if wire_on is not None else [])):
+        canonical = str(WireSpec.parse(spec))
+        if canonical not in out:
+            out.append(canonical)
+    return out
 
 
 def plan(model: Model, profile: Profile, world: int, ulysses: Optional[int] = None,
-         ring: Optional[int] = None, fp8_on: str = "qvo,k,ring_kv") -> list:
-    """Predictions for every (ulysses, ring, fp8, overlap) with ulysses x ring == world, fastest first.
+         ring: Optional[int] = None, wire_on: Optional[str] = "qvo,k,ring_kv") -> list:
+    """Predictions for every (ulysses, ring, wire, pipelined, staged) with ulysses x ring == world, fastest first.
 
-    ``ulysses`` / ``ring`` restrict the degrees. FP8 is off (``"none"``) or ``fp8_on`` (default:
-    every tensor the configuration sends); fp8 and overlap vary only where there is communication.
+    ``ulysses`` / ``ring`` restrict the degrees. The wire specs are :func:`wire_specs` (``"none"``,
+    the registry variants', ``wire_on``: default e4m3 on every tensor sent); each runs plain and,
+    where Ulysses > 1, pipelined (the best head-group count; left out when that is one group, the
+    plain row) and staged; every registry variant's own head-group count is priced too where it
+    differs from the best one. Wire and modes vary only where there is communication (world > 1).
+    Each prediction's ``variant`` names the registry variant that runs it, or ``"-"``.
     """
     _check(world >= 1, f"world size must be >= 1, got {world}")
     for name, deg in (("ulysses", ulysses), ("ring", ring)):
@@ -439,22 +523,28 @@ def plan(model: Model, profile: Profile, world: int, ulysses: Optional[int] = No
                f"{name} degree {deg} does not divide world size {world}: pick a divisor of {world}")
     if ulysses is not None and ring is not None:
         _validate(model, profile, Choice(ulysses, ring), world)
-    fp8_on = str(FP8Options.parse(fp8_on))
-    modes = ((False, False), (True, False), (False, True))  # (overlap, staged)
-    flags = [("none", False, False)] if world == 1 else [(f, o, st) for f in ("none", fp8_on) for o, st in modes]
-    out = []
+    modes = ((False, False), (True, False), (False, True))  # (pipelined, staged)
+    flags = [("none", False, False)] if world == 1 else \
+        [(w, pl, st) for w in wire_specs(wire_on) for pl, st in modes]
+    out: dict = {}  # resolved choice -> prediction; one group pipelined is the plain row, a fixed count may be the best
     for u in range(1, min(world, model.heads) + 1):
-        if world % u or (ulysses is not None and u != ulysses) or (ring is not None and world // u != ring):
+        r = world // u
+        if world % u or (ulysses is not None and u != ulysses) or (ring is not None and r != ring):
             continue
-        for fp8, overlap, staged in flags:
-            if staged and u == 1:  # no all-to-all to stage
-                continue
-            choice = Choice(u, world // u, fp8, overlap, staged=staged)
+        # head groups and staging need an all-to-all (Ulysses > 1)
+        choices = [Choice(u, r, w, pl, staged=st) for w, pl, st in flags if u > 1 or not (pl or st)]
+        most = min(layout.head_split(model.heads, model.heads, u)[0])
+        if u > 1:  # each registry variant's own head-group count
+            choices += [Choice(u, r, v.wire, True, chunks=_head_groups(v)) for v in VARIANTS.values()
+                        if _priced(v) and not v.staged and 1 < _head_groups(v) <= most]
+        for choice in choices:
             _validate(model, profile, choice, world)
-            out.append(predict(model, profile, choice))
+            pred = predict(model, profile, choice)
+            c = pred.choice
+            out.setdefault(replace(c, pipelined=False) if c.pipelined and c.chunks == 1 else c, pred)
     _check(bool(out), f"no ulysses x ring factorization of world {world} has ulysses <= {model.heads} heads: "
            f"use a ring degree of at least {math.ceil(world / model.heads)}")
-    return sorted(out, key=lambda p: p.step_s)
+    return sorted(out.values(), key=lambda p: p.step_s)
 
 
 def validate(profile: Profile) -> list:
@@ -467,14 +557,16 @@ def validate(profile: Profile) -> list:
 
 
 def format_table(preds: list, step_1gpu_s: float) -> str:
-    head = f"{'#':>2} {'ulysses':>7} {'ring':>4} {'fp8':>13} {'overlap':>7} {'chunks':>6} {'staged':>6} " \
-           f"{'attn ms':>8} {'comm ms':>8} {'layout ms':>9} {'step ms':>8} {'speedup':>7}"
+    ww = max([len("wire")] + [len(p.choice.wire) for p in preds])
+    vw = max([len("variant")] + [len(p.variant) for p in preds])
+    head = f"{'#':>2} {'ulysses':>7} {'ring':>4} {'wire':>{ww}} {'pipelined':>9} {'chunks':>6} {'staged':>6} " \
+           f"{'variant':>{vw}} {'attn ms':>8} {'comm ms':>8} {'layout ms':>9} {'step ms':>8} {'speedup':>7}"
     lines = [head, "-" * len(head)]
     for i, p in enumerate(preds, 1):
         c = p.choice
-        lines.append(f"{i:>2} {c.ulysses:>7} {c.ring:>4} {c.fp8:>13} "
-                     f"{'on' if c.overlap else 'off':>7} {c.chunks:>6} {'on' if c.staged else 'off':>6} "
-                     f"{p.attention_s * 1e3:>8.2f} "
+        lines.append(f"{i:>2} {c.ulysses:>7} {c.ring:>4} {c.wire:>{ww}} "
+                     f"{'on' if c.pipelined else 'off':>9} {c.chunks:>6} {'on' if c.staged else 'off':>6} "
+                     f"{p.variant:>{vw}} {p.attention_s * 1e3:>8.2f} "
                      f"{p.comm_s * 1e3:>8.2f} {p.layout_s * 1e3:>9.2f} {p.step_s * 1e3:>8.2f} "
                      f"{step_1gpu_s / p.step_s:>6.2f}x")
     return "\n".join(lines)
@@ -495,8 +587,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ring", type=int, help="only this ring degree")
     ap.add_argument("--device-profile", action="append",
                     help=f"{' | '.join(PROFILES)} | JSON file; repeat to override fields (default h200x2)")
-    ap.add_argument("--fp8", default="qvo,k,ring_kv",
-                    help="the FP8 spec of the FP8 rows (default: every tensor sent)")
+    ap.add_argument("--wire", "--fp8", dest="wire", default="qvo,k,ring_kv",
+                    help="a wire spec to consider besides 'none' and the registry variants' (default: e4m3 on "
+                         "every tensor sent; e.g. 'qvo=int8,k=int8,ring_kv=int8'); --fp8 is its former name")
     ap.add_argument("--step-1gpu-ms", type=float,
                     help="measured one-GPU step of this model: recalibrates dense_tflops")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -507,7 +600,7 @@ def main(argv=None) -> int:
                       args.parallel_mlp_layers)
         if args.step_1gpu_ms is not None:
             profile = calibrate(profile, model, args.step_1gpu_ms * 1e-3)
-        preds = plan(model, profile, args.world, args.ulysses, args.ring, args.fp8)
+        preds = plan(model, profile, args.world, args.ulysses, args.ring, args.wire)
         single = predict(model, profile, Choice(1, 1)).step_s
         checks = validate(profile)
     except ValueError as e:

@@ -23,7 +23,11 @@ USAGE = "usage: python -m fastusp_xdit.apps.run SCRIPT [ARGS...]\n       python 
 def main(argv: list[str] | None = None) -> None:
     """Activate fastusp in this process, then run the script or module named by ``argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv == ["-m"]:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(__doc__.split("\n\n", 1)[1].rstrip())
+        raise SystemExit(0)
+    if not argv or argv == ["-m"]:
         raise SystemExit(USAGE)
     if argv[0] != "-m" and not os.path.isfile(argv[0]):
         raise SystemExit(f"fastusp_xdit.apps.run: can't open file {argv[0]!r}\n{USAGE}")

@@ -36,22 +36,11 @@ from typing import ClassVar
 
 import torch
 
-from ..triton_gate import kernels_on
+from .rows import AMAX_FLOOR, NAN_SCALE_BITS, SCALE_BYTES, RowOps
+from .rows import check_finite, encoded_row_bytes  # noqa: F401  (part of this module's API)
 
 E4M3_MAX = 448.0
-SCALE_BYTES = 4
-MAX_DIMS = 5  # logical dims the Triton kernels address (4 row dims + D)
-AMAX_FLOOR = 2.0**-100
-NAN_SCALE_BITS = 0x7FC00000
 NAN_BYTE = 0x7F
-INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def encoded_row_bytes(d: int) -> int:
-    """Bytes of one encoded row of ``d`` values: ``d`` e4m3 bytes + a float32 scale."""
-    if d < 1:
-        raise ValueError(f"row length must be >= 1, got {d}")
-    return d + SCALE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,43 +66,6 @@ class FP8Options:
     def __str__(self) -> str:
         """The canonical spec, accepted by :meth:`parse`."""
         return ",".join(n for n in self.WORDS[:-1] if getattr(self, n)) or "none"
-
-
-def check_finite(x: torch.Tensor) -> None:
-    """Raise ``ValueError`` if ``x`` holds inf/nan (syncs with the host: eager callers only)."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("input holds non-finite values (inf/nan); FP8 communication cannot carry them; "
-                         "disable FP8 (use backend fastusp) or fix the input")
-
-
-def _check_rank(shape, what: str) -> None:
-    if not 1 <= len(shape) <= MAX_DIMS:
-        raise ValueError(f"{what} must have 1 to {MAX_DIMS} dims, got shape {tuple(shape)}: "
-                         f"reshape (flatten) the leading dims")
-
-
-def _check_encode_input(x: torch.Tensor) -> None:
-    _check_rank(x.shape, "fp8_encode input")
-    if x.dtype not in INPUT_DTYPES:
-        raise ValueError(f"fp8_encode takes float16/bfloat16/float32, got {x.dtype}: cast with .to(torch.bfloat16)")
-    if x.shape[-1] < 1:
-        raise ValueError(f"fp8_encode needs a last dim >= 1, got shape {tuple(x.shape)}")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"fp8_encode needs last-dim stride 1, got strides {x.stride()}: permute so the "
-                         f"head dim stays innermost, or call .contiguous()")
-
-
-def _check_decode_input(buf: torch.Tensor, dtype: torch.dtype) -> None:
-    _check_rank(buf.shape, "fp8_decode input")
-    if buf.dtype != torch.uint8:
-        raise ValueError(f"fp8_decode takes the uint8 buffer fp8_encode made, got {buf.dtype}: "
-                         f"use .view(torch.uint8)")
-    if buf.shape[-1] <= SCALE_BYTES:
-        raise ValueError(f"fp8_decode needs rows of D + {SCALE_BYTES} bytes with D >= 1, got shape {tuple(buf.shape)}")
-    if buf.stride(-1) != 1:
-        raise ValueError(f"fp8_decode needs last-dim stride 1, got strides {buf.stride()}: call .contiguous()")
-    if dtype not in INPUT_DTYPES:
-        raise ValueError(f"fp8_decode produces float16/bfloat16/float32, got {dtype}")
 
 
 def encode_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,75 +95,12 @@ def decode_torch(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q * scale).to(dtype).contiguous()
 
 
-def _triton_on(device_index: int) -> bool:
+ROW_OPS = RowOps("fp8", encode_torch, decode_torch, "fastusp_xdit.comm.fp8_triton", (8, 9), "FP8 codec")
+
+
+def triton_serves(device_index: int) -> bool:
     """Whether the Triton kernels serve this CUDA device (needs triton and native e4m3: sm >= 8.9)."""
-    return kernels_on("fastusp_xdit.comm.fp8_triton", device_index, (8, 9), "FP8 codec")
-
-
-def _kernels(t: torch.Tensor):
-    """The ``fp8_triton`` module if it serves ``t``'s CUDA device, else None (torch implementation)."""
-    if not _triton_on(t.device.index if t.device.index is not None else torch.cuda.current_device()):
-        return None
-    from . import fp8_triton
-
-    return fp8_triton
-
-
-def _exact_strides() -> tuple:
-    # Inductor must hand the op the strides eager would (a permuted view stays a view: the fused permute).
-    tag = getattr(torch.Tag, "needs_exact_strides", None)
-    return (tag,) if tag is not None else ()
-
-
-@torch.library.custom_op("fastusp::fp8_encode", mutates_args=(), tags=_exact_strides())
-def _encode_op(x: torch.Tensor) -> torch.Tensor:
-    return encode_torch(x)
-
-
-@_encode_op.register_kernel("cuda")
-def _(x):
-    kernels = _kernels(x)
-    return kernels.encode(x) if kernels else encode_torch(x)
-
-
-@_encode_op.register_fake
-def _(x):
-    return x.new_empty(x.shape[:-1] + (x.shape[-1] + SCALE_BYTES,), dtype=torch.uint8)
-
-
-@torch.library.custom_op("fastusp::fp8_encode_into", mutates_args=("out",), tags=_exact_strides())
-def _encode_into_op(x: torch.Tensor, out: torch.Tensor) -> None:
-    encode_torch(x, out)
-
-
-@_encode_into_op.register_kernel("cuda")
-def _(x, out):
-    kernels = _kernels(x)
-    if kernels:
-        kernels.encode(x, out)
-    else:
-        encode_torch(x, out)
-
-
-@_encode_into_op.register_fake
-def _(x, out):
-    return None
-
-
-@torch.library.custom_op("fastusp::fp8_decode", mutates_args=(), tags=_exact_strides())
-def _decode_op(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return decode_torch(buf, dtype)
-
-
-@_decode_op.register_kernel("cuda")
-def _(buf, dtype):
-    kernels = _kernels(buf)
-    return kernels.decode(buf, dtype) if kernels else decode_torch(buf, dtype)
-
-
-@_decode_op.register_fake
-def _(buf, dtype):
-    return buf.new_empty(buf.shape[:-1] + (buf.shape[-1] - SCALE_BYTES,), dtype=dtype)
+    return ROW_OPS.triton_serves(device_index)
 
 
 def fp8_encode(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,20 +110,10 @@ def fp8_encode(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     ``out``: a contiguous uint8 tensor of that shape (e.g. a slot of a packed send buffer) to write
     into instead of a new one; it is returned.
     """
-    _check_encode_input(x)
-    if out is None:
-        return torch.ops.fastusp.fp8_encode(x)
-    want = tuple(x.shape[:-1]) + (x.shape[-1] + SCALE_BYTES,)
-    if out.dtype != torch.uint8 or tuple(out.shape) != want or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"fp8_encode out= must be a contiguous uint8 tensor of shape {want} on {x.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}: "
-                         f"view a contiguous byte slot with .view(*shape)")
-    torch.ops.fastusp.fp8_encode_into(x, out)
-    return out
+    return ROW_OPS.encode(x, out)
 
 
 def fp8_decode(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Decode uint8 ``buf`` (rows of ``D + 4`` bytes, last-dim stride 1) to contiguous
     ``buf.shape[:-1] + (D,)`` of ``dtype``."""
-    _check_decode_input(buf, dtype)
-    return torch.ops.fastusp.fp8_decode(buf, dtype)
+    return ROW_OPS.decode(buf, dtype)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
-from ..comm.fp8 import FP8Options
+from ..comm.codecs import CODECS, TENSORS, WireSpec
 
 ENV = "FASTUSP_CHECK_CONSISTENCY"
 
@@ -40,7 +40,8 @@ FIELDS = (
     "seq_len_q", "seq_len_kv",  # global lengths, as passed or derived (local x U x R)
     "local_len_q", "local_len_kv",  # this rank's shard (may differ: checked against the layout)
     "joint_strategy", "joint_len_q", "joint_len_kv",
-    "fp8",  # bits: 1 qvo, 2 k, 4 ring_kv; -1 unparseable
+    "shards_q", "shards_kv",  # 63-bit digest of an explicit layout (0: the balanced one)
+    "wire",  # codec index per tensor, 4 bits each in TENSORS order; -1 unparseable
     "scale",  # float64 bits of the effective softmax scale
     "kv_hook",
     "head_groups",  # as requested (-1 if not an int)
@@ -83,16 +84,28 @@ def _global_len(given, local: int, n: int) -> int:
         return -1
 
 
-def _fp8_bits(fp8) -> int:
+_CODEC_NAMES = tuple(CODECS)
+
+
+def _wire_bits(wire) -> int:
     try:
-        opts = FP8Options.parse(fp8) if isinstance(fp8, str) else fp8
+        spec = WireSpec.of(wire)
     except ValueError:
         return -1
-    if opts is None:
+    return sum(_CODEC_NAMES.index(getattr(spec, t)) << 4 * i for i, t in enumerate(TENSORS))
+
+
+def _wire_of(bits: int) -> WireSpec:
+    return WireSpec(**{t: _CODEC_NAMES[bits >> 4 * i & 15] for i, t in enumerate(TENSORS)})
+
+
+def _shards_digest(shards) -> int:
+    if shards is None:
         return 0
-    if not isinstance(opts, FP8Options):
+    try:
+        return hash(tuple(int(s) for s in shards)) & (2**62 - 1) | 1
+    except (TypeError, ValueError):
         return -1
-    return opts.qvo | opts.k << 1 | opts.ring_kv << 2
 
 
 def _float_bits(x) -> int:
@@ -108,14 +121,15 @@ def _nonfinite(tensors) -> int:
 
 
 def call_signature(query, key, value, *, ulysses_group, ring_group, seq_len_q, seq_len_kv, joint, joint_strategy,
-                   scale, kv_hook, fp8, rejected: bool, head_groups=1, values: bool = False) -> tuple[int, ...]:
+                   scale, kv_hook, wire, rejected: bool, head_groups=1, shards_q=None, shards_kv=None,
+                   values: bool = False) -> tuple[int, ...]:
     """Encode one ``usp_attention`` call as ``len(FIELDS)`` ints; unreadable arguments encode as -1.
-    ``values``: also test FP8 inputs for inf/nan (a pass over them and a host sync)."""
+    ``values``: also test 8-bit inputs for inf/nan (a pass over them and a host sync)."""
     u = 1 if ulysses_group is None else ulysses_group.size()
     r = 1 if ring_group is None else ring_group.size()
     jq, jk, jv = joint
     head_dim = _dim(query, 3)
-    fp8_bits = _fp8_bits(fp8)
+    wire_bits = _wire_bits(wire)
     if scale is None and head_dim > 0:
         scale = head_dim ** -0.5
     sig = dict(
@@ -127,9 +141,10 @@ def call_signature(query, key, value, *, ulysses_group, ring_group, seq_len_q, s
         local_len_q=_dim(query, 2), local_len_kv=_dim(key, 2),
         joint_strategy=_code(joint_strategy, _JOINT),
         joint_len_q=0 if jq is None else _dim(jq, 2), joint_len_kv=0 if jk is None else _dim(jk, 2),
-        fp8=fp8_bits, scale=_float_bits(scale) if scale is not None else -1, kv_hook=int(kv_hook is not None),
+        shards_q=_shards_digest(shards_q), shards_kv=_shards_digest(shards_kv),
+        wire=wire_bits, scale=_float_bits(scale) if scale is not None else -1, kv_hook=int(kv_hook is not None),
         head_groups=head_groups if isinstance(head_groups, int) else -1,
-        nonfinite_fp8_input=_nonfinite((query, key, value, jq, jk, jv)) if values and fp8_bits > 0 else 0,
+        nonfinite_fp8_input=_nonfinite((query, key, value, jq, jk, jv)) if values and wire_bits > 0 else 0,
     )
     return tuple(sig[f] for f in FIELDS)
 
@@ -139,9 +154,8 @@ def _show(field: str, v: int) -> str:
         return ("non-tensor", "float16", "bfloat16", "float32", "float64", "other")[v]
     if field == "joint_strategy":
         return repr(_JOINT[v]) if v < len(_JOINT) else "invalid"
-    if field == "fp8":
-        return "invalid" if v < 0 else repr(",".join(n for i, n in enumerate(("qvo", "k", "ring_kv")) if v >> i & 1)
-                                            or "none")
+    if field == "wire":
+        return "invalid" if v < 0 else repr(str(_wire_of(v)))
     if field == "scale":
         return "invalid" if v == -1 else f"{struct.unpack('<d', struct.pack('<q', v))[0]:.6g}"
     return str(v)
@@ -165,7 +179,7 @@ def _layout_problems(table: list[dict]) -> list[str]:
     for sp, row in enumerate(table):
         for kind in ("q", "kv"):
             total, local = row[f"seq_len_{kind}"], row[f"local_len_{kind}"]
-            if total < 0 or row["ulysses"] < 1 or row["ring"] < 1:
+            if total < 0 or row["ulysses"] < 1 or row["ring"] < 1 or row[f"shards_{kind}"]:
                 continue
             want = layout.shard_sizes(total, row["ulysses"], row["ring"])[sp]
             if local != want:

@@ -5,7 +5,7 @@ xfuser module loads (or at once if it already has):
 
 * :mod:`.compat` -- on machines without an accelerator, the in-memory patches xfuser needs to import
   and run on CPU/gloo;
-* :mod:`.backend` -- the ``FASTUSP*`` members of ``AttentionBackendType`` (:data:`.backend.VARIANTS`)
+* :mod:`.backend` -- the ``FASTUSP*`` members of ``AttentionBackendType`` (one per :data:`.variants.VARIANTS` entry)
   and their registry kernel;
 * :mod:`.usp_adapter` -- the replacement ``USP`` that routes fastusp members to
   :func:`fastusp_xdit.usp.usp_attention`;
@@ -23,12 +23,13 @@ def activate() -> None:
     Call it in every process that runs xfuser (torchrun children, Ray actors), before the runtime
     state is created. On a CPU-only machine call it before ``import xfuser``; elsewhere before or after.
     """
-    from . import backend, compat, flux_overlap, usp_adapter
+    from . import backend, compat, flux_overlap, model_fixes, usp_adapter
 
     compat.install()
     backend.install()
     usp_adapter.install()
     flux_overlap.install()
+    model_fixes.install()
 
 
 __all__ = ["activate"]

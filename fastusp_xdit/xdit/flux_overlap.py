@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from . import hooks, usp_adapter
+from . import hooks, model_fixes, usp_adapter
 from .targets import check_module
 
 FLUX_MODULE = "xfuser.model_executor.models.transformers.transformer_flux"
@@ -31,6 +31,8 @@ _stock: dict = {}  # "module": xfuser's FLUX module; "processor" / "single_block
 def _applies(attn, attention_mask=None, extra_kwargs=None) -> bool:
     """Whether this call takes the staged path (the backend asks for it and nothing rules it out)."""
     if not usp_adapter.staged_backend() or attention_mask is not None or extra_kwargs:
+        return False
+    if model_fixes.active() is not None:  # an uneven layout: USP's adapter applies it
         return False
     flux = _stock["module"]
     return (not flux._HAS_FLYDSL and not getattr(attn, "fused_projections", False)

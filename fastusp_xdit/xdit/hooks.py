@@ -1,29 +1,40 @@
-"""Post-import hooks: run a function on a module right after it executes, or now if it already has.
+"""The one import mechanism of fastusp: run code around a module's execution.
 
 xfuser reads backend lists, package flags and ``USP`` at import time (``from ... import USP`` binds the
 object, not the name), so a patch must land the moment its module finishes executing, before any
-other module copies the value. :func:`after_import` registers such a patch; :func:`substitute`
-serves a replacement module instead of executing the real file (for a file that cannot import on
-this machine). One :class:`importlib.abc.MetaPathFinder` at the front of ``sys.meta_path`` serves
-both; it only wraps the loaders of the modules named here.
+other module copies the value. Three registrations share one meta-path finder at the front of
+``sys.meta_path``, which wraps only the loaders of the modules named here:
+
+* :func:`after_import` -- ``fn(module)`` right after the module executes (or now, if it already has);
+* :func:`substitute` -- serve a replacement module instead of executing the real file (a file that
+  cannot import on this machine);
+* :func:`arm_autoload` -- ``fastusp_xdit.xdit.activate()`` right *before* the top-level ``xfuser``
+  package first executes. ``fastusp_xdit_autoload.pth`` arms it at every interpreter start (through
+  :mod:`fastusp_xdit._autoload`), so torchrun workers and Ray actors get fastusp without any code
+  change; ``activate()`` then registers its patches here before any xfuser module has run (on a
+  CPU-only machine ``import xfuser`` dies without them), exactly as if it had been called on the line
+  above ``import xfuser``. One-shot: it disarms itself when it fires.
+
+Standard library only, and no ``importlib.abc`` (~40 ms): it is imported at every interpreter start.
 """
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
 import threading
 import types
 from typing import Callable
 
+AUTOLOAD_TRIGGER = "xfuser"
+
 _lock = threading.RLock()
+_before: dict[str, list[Callable[[], None]]] = {}
 _after: dict[str, list[Callable[[types.ModuleType], None]]] = {}
 _substitutes: dict[str, Callable[[str], types.ModuleType]] = {}
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """Executes the real loader (or builds a substitute), then runs the module's hooks."""
+class _PatchingLoader:
+    """Runs the module's before-hooks, executes the real loader (or builds a substitute), then its after-hooks."""
 
     def __init__(self, inner, name: str):
         self._inner = inner
@@ -38,15 +49,19 @@ class _PatchingLoader(importlib.abc.Loader):
         return self._inner.create_module(spec) if self._inner is not None else None
 
     def exec_module(self, module):
+        with _lock:
+            before = _before.pop(self._name, [])
+        for fn in before:
+            fn()
         if self._name not in _substitutes:
             self._inner.exec_module(module)
         for fn in _after.get(self._name, ()):
             fn(module)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _after and fullname not in _substitutes:
+class _Finder:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _after and fullname not in _substitutes and fullname not in _before:
             return None
         spec = None
         for finder in sys.meta_path:
@@ -91,3 +106,34 @@ def substitute(name: str, factory: Callable[[str], types.ModuleType]) -> None:
             raise RuntimeError(f"{name} was imported before fastusp_xdit.xdit.activate(); call activate() first")
         _substitutes[name] = factory
         _install_finder()
+
+
+def _activate() -> None:
+    from . import activate
+
+    activate()
+
+
+def arm_autoload() -> None:
+    """Run ``activate()`` right before this process first imports xfuser (idempotent; once xfuser is
+    imported, call ``activate()`` directly)."""
+    with _lock:
+        if AUTOLOAD_TRIGGER in sys.modules or autoload_armed():
+            return
+        _before.setdefault(AUTOLOAD_TRIGGER, []).append(_activate)
+        _install_finder()
+
+
+def disarm_autoload() -> None:
+    """Withdraw :func:`arm_autoload` (no-op if not armed)."""
+    with _lock:
+        hooks = _before.get(AUTOLOAD_TRIGGER, [])
+        if _activate in hooks:
+            hooks.remove(_activate)
+        if not hooks:
+            _before.pop(AUTOLOAD_TRIGGER, None)
+
+
+def autoload_armed() -> bool:
+    """Whether ``activate()`` waits for this process's first ``import xfuser``."""
+    return _activate in _before.get(AUTOLOAD_TRIGGER, ())

@@ -36,7 +36,18 @@ TARGETS: dict[str, dict[str, tuple | None]] = {
         "get_runtime_state": (), "get_ulysses_parallel_world_size": (), "get_ring_parallel_world_size": ()},
     # flux_overlap.py
     "xfuser.model_executor.models.transformers.transformer_flux": {
-        "xFuserFluxAttnProcessor": None, "_HAS_FLYDSL": None, "apply_rotary_emb": None, "get_runtime_state": ()},
+        "xFuserFluxAttnProcessor": None, "_HAS_FLYDSL": None, "apply_rotary_emb": None, "get_runtime_state": (),
+        "xFuserFlux1Transformer2DWrapper": None},  # and model_fixes.py
+    # model_fixes.py (each fix wraps one method and reads the runtime / sp helpers it names)
+    "xfuser.model_executor.models.transformers.transformer_wan": {
+        "xFuserWanTransformer3DWrapper": None, "get_sp_group": ()},
+    "xfuser.model_executor.models.transformers.transformer_flux2": {"xFuserFlux2Transformer2DWrapper": None},
+    "xfuser.model_executor.models.transformers.transformer_qwen": {
+        "xFuserQwenImageTransformerWrapper": None, "chunk_and_pad_sequence": ("x", "sp_world_rank", "sp_world_size",
+                                                                               "pad_amount", "dim")},
+    "xfuser.model_executor.models.transformers.transformer_hunyuan_video": {
+        "xFuserHunyuanVideoTransformer3DWrapper": None, "get_sp_group": ()},
+    "xfuser.model_executor.layers.attention_processor": {"xFuserAttnProcessor2_0": None},
 }
 
 # patched module -> [(module, class, method, parameter names)]: methods flux_overlap.py replaces when it loads
@@ -46,7 +57,31 @@ METHODS: dict[str, list[tuple[str, str, str, tuple]]] = {
          ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")),
         ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock", "forward",
          ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")),
+        ("xfuser.model_executor.models.transformers.transformer_flux", "xFuserFlux1Transformer2DWrapper", "forward",
+         ("self", "hidden_states", "encoder_hidden_states", "args", "timestep", "img_ids", "txt_ids", "kwargs")),
     ],
+    # model_fixes.py: the wrapper forwards (and Latte's processor) it wraps
+    "xfuser.model_executor.models.transformers.transformer_wan": [
+        ("xfuser.model_executor.models.transformers.transformer_wan", "xFuserWanTransformer3DWrapper", "forward",
+         ("self", "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "return_dict",
+          "attention_kwargs"))],
+    "xfuser.model_executor.models.transformers.transformer_flux2": [
+        ("xfuser.model_executor.models.transformers.transformer_flux2", "xFuserFlux2Transformer2DWrapper", "forward",
+         ("self", "hidden_states", "encoder_hidden_states", "args", "timestep", "img_ids", "txt_ids", "kwargs"))],
+    "xfuser.model_executor.models.transformers.transformer_qwen": [
+        ("xfuser.model_executor.models.transformers.transformer_qwen", "xFuserQwenImageTransformerWrapper", "forward",
+         ("self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
+          "txt_seq_lens", "guidance", "attention_kwargs", "controlnet_block_samples", "additional_t_cond",
+          "return_dict"))],
+    "xfuser.model_executor.models.transformers.transformer_hunyuan_video": [
+        ("xfuser.model_executor.models.transformers.transformer_hunyuan_video",
+         "xFuserHunyuanVideoTransformer3DWrapper", "forward",
+         ("self", "hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+          "pooled_projections", "guidance", "attention_kwargs", "return_dict"))],
+    "xfuser.model_executor.layers.attention_processor": [
+        ("xfuser.model_executor.layers.attention_processor", "xFuserAttnProcessor2_0", "__call__",
+         ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb",
+          "latte_temporal_attention", "args", "kwargs"))],
 }
 
 

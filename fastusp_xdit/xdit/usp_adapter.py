@@ -31,7 +31,7 @@ from yunchang.globals import PROCESS_GROUP
 
 from ..usp import usp_attention, usp_attention_staged
 from . import backend as _backend
-from . import hooks
+from . import hooks, model_fixes
 from .targets import check_module
 
 USP_MODULE = "xfuser.model_executor.layers.usp"
@@ -105,8 +105,11 @@ def USP(
         if valid_kv_len < 1 or (valid_kv_len > block and not cached):
             raise ValueError(f"attention_kwargs['valid_kv_len'] = {valid_kv_len}: keep it in [1, {block}], the keys "
                              "of one ring block after the Ulysses all-to-all")
+    # xfuser's model code padded or torch.chunk'ed this sequence unevenly: its global layout (model_fixes)
+    query, key, value, joint_query, joint_key, joint_value, joint_strategy, layout_kwargs = model_fixes.adapt(
+        query, key, value, joint_query, joint_key, joint_value, joint_strategy, attn_layer, ulysses, ring)
     return usp_attention(
-        query, key, value, **_groups(ulysses, ring),
+        query, key, value, **{**_groups(ulysses, ring), **layout_kwargs},
         joint_query=joint_query, joint_key=joint_key, joint_value=joint_value,
         joint_strategy=joint_strategy or None,
         kv_hook=_kv_hook(attn_layer if cached else None, valid_kv_len),

@@ -57,9 +57,9 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
 _AUTOLOAD_PROBE = """
 import json, sys
 import fastusp_xdit._autoload
-from fastusp_xdit.xdit import import_hook
+from fastusp_xdit.xdit import hooks
 heavy = [m for m in ("torch", "numpy", "xfuser", "diffusers") if m in sys.modules]
-print("RESULT " + json.dumps({"heavy": heavy, "installed": import_hook.installed()}))
+print("RESULT " + json.dumps({"heavy": heavy, "installed": hooks.autoload_armed()}))
 """
 
 
@@ -71,7 +71,10 @@ def test_autoload_installs_hook_without_heavy_imports():
 _HOOK_PROBE = """
 import json, site, sys
 site.addsitedir(sys.argv[1])  # processes the copy of fastusp_xdit_autoload.pth there, as at start-up
-trigger = any(type(f).__name__ == "XfuserImportTrigger" for f in sys.meta_path)
+def armed():
+    hooks = sys.modules.get("fastusp_xdit.xdit.hooks")
+    return hooks is not None and hooks.autoload_armed()
+trigger = armed()
 before = {"trigger": trigger, "xfuser": [m for m in sys.modules if m.split(".")[0] == "xfuser"],
           "activated": "fastusp_xdit.xdit.backend" in sys.modules}
 after = {}
@@ -85,7 +88,7 @@ try:
              "package_complete": hasattr(xfuser, "xFuserArgs"), "same_package": sys.modules["xfuser"] is xfuser}
 except Exception as error:  # without fastusp's compat layer xfuser does not import on CPU-only machines
     after = {"import_error": type(error).__name__}
-after["trigger"] = any(type(f).__name__ == "XfuserImportTrigger" for f in sys.meta_path)
+after["trigger"] = armed()
 after["activated"] = "fastusp_xdit.xdit.backend" in sys.modules
 print("RESULT " + json.dumps({"before": before, "after": after}))
 """
@@ -96,7 +99,7 @@ def test_pth_hook_activates_at_first_xfuser_import(tmp_path):
     res = _result(_python(["-c", _HOOK_PROBE, str(tmp_path)]))
     assert res["before"] == {"trigger": True, "xfuser": [], "activated": False}, res
     after = res["after"]
-    assert after["members"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"], after
+    assert after["members"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_INT8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"], after
     assert after["usp"] == after["usp_copied_by_value"] == "fastusp_xdit.xdit.usp_adapter", after
     assert after["package_complete"] and after["same_package"], after
     assert not after["trigger"] and after["activated"], after
@@ -118,8 +121,8 @@ import json, site, sys
 site.addsitedir(sys.argv[1])
 site.addsitedir(sys.argv[2])
 import fastusp_xdit
-from fastusp_xdit.xdit import import_hook
-print("RESULT " + json.dumps({"package": fastusp_xdit.__file__, "installed": import_hook.installed()}))
+from fastusp_xdit.xdit import hooks
+print("RESULT " + json.dumps({"package": fastusp_xdit.__file__, "installed": hooks.autoload_armed()}))
 """
 
 
@@ -173,7 +176,7 @@ def test_run_script_and_module_as_main_after_activation(tmp_path):
     script.write_text(_SCRIPT)
     res = _result(_python(["-m", "fastusp_xdit.apps.run", str(script), "--prompt", "a cat", "-m"], env=no_hook))
     assert res == {"name": "__main__", "argv": [str(script), "--prompt", "a cat", "-m"],
-                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"]}, res
+                   "path0": str(script.parent), "members": ["FASTUSP", "FASTUSP_FP8", "FASTUSP_INT8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"]}, res
 
     (tmp_path / "probe_module.py").write_text(_MODULE)
     res = _result(_python(["-m", "fastusp_xdit.apps.run", "-m", "probe_module", "x", "--y"], env=no_hook,

@@ -43,7 +43,7 @@ def targets_job() -> dict:
     out["flux_patched"] = [flux.xFuserFluxAttnProcessor.__call__ is flux_overlap.processor_call,
                            FluxSingleTransformerBlock.forward is flux_overlap.single_block_forward]
     out["members_after"] = [m.name for m in A if m.name.startswith("FASTUSP")]
-    out["usp_kwargs"] = {m.name: kw for m, kw in backend.USP_KWARGS.items()}
+    out["usp_kwargs"] = {m.name: variant.usp_kwargs for m, variant in backend.MEMBERS.items()}
 
     # every site that turns the flag into an enum member
     from xfuser.config import FlexibleArgumentParser, xFuserArgs
@@ -76,10 +76,10 @@ def test_targets_parsing_and_late_activate():
     assert res["rebound"] == [True, True, True], "module globals / instance attributes still hold xfuser's USP"
     assert res["stock_kept"]
     assert res["flux_patched"] == [True, True], "FLUX module loaded before activate(): overlap patches must land at once"
-    assert res["members_after"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"], \
+    assert res["members_after"] == ["FASTUSP", "FASTUSP_FP8", "FASTUSP_INT8", "FASTUSP_PIPELINED", "FASTUSP_OVERLAP"], \
         "activate() must be idempotent"
-    assert res["usp_kwargs"] == {"FASTUSP": {}, "FASTUSP_FP8": {"fp8": "qvo"}, "FASTUSP_PIPELINED": {"head_groups": 2},
-                                 "FASTUSP_OVERLAP": {}}
+    assert res["usp_kwargs"] == {"FASTUSP": {}, "FASTUSP_FP8": {"wire": "qvo"}, "FASTUSP_INT8": {"wire": "qvo=int8,k=int8"},
+                                 "FASTUSP_PIPELINED": {"head_groups": 2}, "FASTUSP_OVERLAP": {}}
     assert res["parsed"] == ["FASTUSP_FP8", "FASTUSP", ["FASTUSP", "SDPA_FLASH", "FASTUSP_FP8"]]
     err = res["changed_error"]
     assert err is not None and "USP takes" in err and "_has_kv_cache is missing" in err, err

@@ -158,18 +158,29 @@ def usp_job(ulysses: int, ring: int, seed: int, compile_check: bool) -> dict:
         return x.chunk(sp, dim=2)[rank]
 
     res = {}
+    groups = dict(ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
+                  ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None)
     q, k, v, jq, jk, jv = _draw(seed)
     ql, kl, vl = loc(q), loc(k), loc(v)
     ref = reference_attention(ql, k, v)
     res["plain"] = _errors(USP(ql, kl, vl), stock(ql, kl, vl), ref)
-    state.attention_backend = A.FASTUSP_FP8  # the FP8 row of backend.VARIANTS: fp8="qvo"
+    state.attention_backend = A.FASTUSP_FP8  # the FP8 row of variants.VARIANTS: wire="qvo"
     fp8 = USP(ql, kl, vl)
     state.attention_backend = A.FASTUSP_PIPELINED  # head_groups=2
     pipelined = USP(ql, kl, vl)
     state.attention_backend = A.FASTUSP
-    groups = dict(ulysses_group=PROCESS_GROUP.ULYSSES_PG if ulysses > 1 else None,
-                  ring_group=PROCESS_GROUP.RING_PG if ring > 1 else None)
     fp8_checks = (fro_err(fp8, ref), rel_err(fp8, usp_attention(ql, kl, vl, fp8="qvo", **groups)))
+    # fastusp_int8 through xfuser's USP: uneven heads (3), joint text ("rear"), ring; compiled too
+    g = torch.Generator().manual_seed(seed + 3)
+    q3, k3, v3, jq3, jk3, jv3 = (torch.randn(B, 3, n, D, generator=g) for n in (S, S, S, J, J, J))
+    kw3 = dict(joint_query=jq3, joint_key=jk3, joint_value=jv3, joint_strategy="rear")
+    state.attention_backend = A.FASTUSP_INT8
+    int8 = USP(loc(q3), loc(k3), loc(v3), **kw3)
+    int8_compiled = torch.compile(USP, fullgraph=True)(loc(q3), loc(k3), loc(v3), **kw3) if compile_check else int8
+    state.attention_backend = A.FASTUSP
+    ref3 = reference_attention(torch.cat([loc(q3), jq3], 2), torch.cat([jk3, k3], 2), torch.cat([jv3, v3], 2))
+    direct = usp_attention(loc(q3), loc(k3), loc(v3), wire="qvo=int8,k=int8", **kw3, **groups)
+    int8_checks = (fro_err(int8, ref3), rel_err(int8, direct), fro_err(int8_compiled, ref3))
     res["pipelined"] = (rel_err(pipelined, ref), None, rel_err(pipelined, usp_attention(ql, kl, vl, head_groups=2,
                                                                                        **groups)))
     # the registry kernel (out, LSE) under xfuser's own all-to-all and ring merge, and without USP
@@ -208,7 +219,8 @@ def usp_job(ulysses: int, ring: int, seed: int, compile_check: bool) -> dict:
     args = (loc(q), loc(k), loc(v))
     return {"errors": res, "stock_refuses_gqa_joint": stock_refuses,
             "dispatch": _dispatch(USP, args, state, A), "refusals": _error_messages(USP, *args, state),
-            "usp_module": USP.__module__, "compiled_err": compiled_err, "fp8": fp8_checks}
+            "usp_module": USP.__module__, "compiled_err": compiled_err, "fp8": fp8_checks,
+            "int8": int8_checks}
 
 
 @pytest.mark.parametrize("ulysses,ring,compile_check", [(2, 1, True), (1, 2, False),
@@ -231,6 +243,12 @@ def test_usp_adapter_in_xfuser_runtime(ulysses, ring, compile_check, seed):
             assert 1e-4 < fp8_vs_ref <= 3e-2 * 3 ** 0.5, f"FP8 vs reference (Frobenius) {fp8_vs_ref}, {where}"
         else:  # ring only: the "qvo" spec leaves the ring's K/V in full precision
             assert fp8_vs_ref <= TOL, f"FP8 vs reference {fp8_vs_ref}, {where}"
+        int8_vs_ref, int8_vs_direct, int8_compiled_vs_ref = res["int8"]
+        assert int8_vs_direct == 0.0, f"FASTUSP_INT8 must run usp_attention(wire='qvo=int8,k=int8'): {where}"
+        if ulysses > 1:  # Q, K, V, O in int8: 2e-2 (tests/test_usp_int8.py)
+            assert 1e-4 < int8_vs_ref <= 2e-2 and int8_compiled_vs_ref <= 2e-2, (res["int8"], where)
+        else:  # ring only: nothing crosses an all-to-all
+            assert int8_vs_ref <= TOL and int8_compiled_vs_ref <= TOL, (res["int8"], where)
         assert res["dispatch"] == [True, False, False, True], where
         refusals = res["refusals"]
         assert all(r is not None for r in refusals.values()), f"{refusals}, {where}"

@@ -388,7 +388,6 @@ def _layer(model: Model, p: Profile, ch: Choice, parallel_mlp: bool = False) -> 
     ring_shape = (block, model.batch, heads, d)
     tensor = math.prod(a2a_shape) * _BF16
     half = math.prod(ring_shape) * _BF16  # the ring's K (or V) block in bf16
-    kv = 2 * half
     sent = {t: spec.codec(t).nbytes(a2a_shape, torch.bfloat16) for t in "qkvo"}
     ring_sent = {t: spec.codec(t).nbytes(ring_shape, torch.bfloat16) for t in ("ring_k", "ring_v")}
     kv_wire = sum(ring_sent.values())

@@ -36,8 +36,10 @@ from typing import ClassVar
 
 import torch
 
-from .rows import AMAX_FLOOR, NAN_SCALE_BITS, SCALE_BYTES, RowOps
-from .rows import check_finite, encoded_row_bytes  # noqa: F401  (part of this module's API)
+from .rows import RowOps, check_finite, encoded_row_bytes, torch_decode_rows, torch_row_scale, torch_write_rows
+
+__all__ = ["E4M3_MAX", "FP8Options", "check_finite", "encoded_row_bytes", "encode_torch", "decode_torch",
+           "fp8_encode", "fp8_decode", "triton_serves"]
 
 E4M3_MAX = 448.0
 NAN_BYTE = 0x7F
@@ -70,50 +72,19 @@ class FP8Options:
 
 def encode_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reference encoder in plain torch ops (any device); the format is in the module docstring."""
-    d = x.shape[-1]
     xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    a = amax.clamp_min(AMAX_FLOOR)
-    # Tensor-by-tensor divisions: torch turns ``448 / a`` and ``a / 448`` into reciprocal products,
-    # which are not correctly rounded and would differ from the kernels' div_rn.
-    e4m3_max = torch.full_like(a, E4M3_MAX)
-    q = (xf * (e4m3_max / a)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-    scale = torch.where(amax == 0, 0.0, a / e4m3_max)
-    bad = ~torch.isfinite(amax)
-    if out is None:
-        out = torch.empty(x.shape[:-1] + (d + SCALE_BYTES,), dtype=torch.uint8, device=x.device)
-    out[..., :d] = q.masked_fill(bad, NAN_BYTE)
-    out[..., d:] = scale.contiguous().view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
-    return out
+    inv, scale, bad = torch_row_scale(xf, E4M3_MAX)
+    q = (xf * inv).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch_write_rows(x, out, q.masked_fill(bad, NAN_BYTE), scale, bad)
 
 
 def decode_torch(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Reference decoder in plain torch ops (any device): contiguous ``buf.shape[:-1] + (D,)`` of ``dtype``."""
-    d = buf.shape[-1] - SCALE_BYTES
-    q = buf[..., :d].view(torch.float8_e4m3fn).float()
-    scale = buf[..., d:].contiguous().view(torch.float32)
-    return (q * scale).to(dtype).contiguous()
+    return torch_decode_rows(buf, torch.float8_e4m3fn, dtype)
 
 
 ROW_OPS = RowOps("fp8", encode_torch, decode_torch, "fastusp_xdit.comm.fp8_triton", (8, 9), "FP8 codec")
 
 
-def triton_serves(device_index: int) -> bool:
-    """Whether the Triton kernels serve this CUDA device (needs triton and native e4m3: sm >= 8.9)."""
-    return ROW_OPS.triton_serves(device_index)
-
-
-def fp8_encode(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Encode float16/bfloat16/float32 ``x`` (last-dim stride 1, <= 5 dims) to contiguous uint8
-    ``x.shape[:-1] + (D + 4,)`` in ``x``'s logical order (pass a permuted view to fuse the permute).
-
-    ``out``: a contiguous uint8 tensor of that shape (e.g. a slot of a packed send buffer) to write
-    into instead of a new one; it is returned.
-    """
-    return ROW_OPS.encode(x, out)
-
-
-def fp8_decode(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Decode uint8 ``buf`` (rows of ``D + 4`` bytes, last-dim stride 1) to contiguous
-    ``buf.shape[:-1] + (D,)`` of ``dtype``."""
-    return ROW_OPS.decode(buf, dtype)
+# the validated entry points (docstrings on :class:`~.rows.RowOps`); Triton kernels need native e4m3: sm >= 8.9
+fp8_encode, fp8_decode, triton_serves = ROW_OPS.encode, ROW_OPS.decode, ROW_OPS.triton_serves

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import AMAX_FLOOR, NAN_SCALE_BITS, SCALE_BYTES, RowOps, check_finite, encoded_row_bytes
+from .rows import RowOps, check_finite, encoded_row_bytes, torch_decode_rows, torch_row_scale, torch_write_rows
 
 INT8_MAX = 127.0
 
@@ -45,51 +45,20 @@ __all__ = ["INT8_MAX", "encoded_row_bytes", "int8_encode", "int8_decode", "encod
 
 def encode_torch(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reference encoder in plain torch ops (any device); the format is in the module docstring."""
-    d = x.shape[-1]
     xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    a = amax.clamp_min(AMAX_FLOOR)
-    # Tensor-by-tensor divisions: torch turns ``127 / a`` and ``a / 127`` into reciprocal products,
-    # which are not correctly rounded and would differ from the kernels' div_rn.
-    int8_max = torch.full_like(a, INT8_MAX)
-    bad = ~torch.isfinite(amax)
-    scaled = (xf * (int8_max / a)).masked_fill(bad, 0.0)  # non-finite rows: values 0 (no NaN cast)
+    inv, scale, bad = torch_row_scale(xf, INT8_MAX)
+    scaled = (xf * inv).masked_fill(bad, 0.0)  # non-finite rows: values 0 (no NaN cast)
     q = torch.round(scaled.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8).view(torch.uint8)  # ties to even
-    scale = torch.where(amax == 0, 0.0, a / int8_max)
-    if out is None:
-        out = torch.empty(x.shape[:-1] + (d + SCALE_BYTES,), dtype=torch.uint8, device=x.device)
-    out[..., :d] = q
-    out[..., d:] = scale.contiguous().view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
-    return out
+    return torch_write_rows(x, out, q, scale, bad)
 
 
 def decode_torch(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Reference decoder in plain torch ops (any device): contiguous ``buf.shape[:-1] + (D,)`` of ``dtype``."""
-    d = buf.shape[-1] - SCALE_BYTES
-    q = buf[..., :d].view(torch.int8).float()
-    scale = buf[..., d:].contiguous().view(torch.float32)
-    return (q * scale).to(dtype).contiguous()
+    return torch_decode_rows(buf, torch.int8, dtype)
 
 
 ROW_OPS = RowOps("int8", encode_torch, decode_torch, "fastusp_xdit.comm.int8_triton", (8, 0), "INT8 codec")
 
 
-def triton_serves(device_index: int) -> bool:
-    """Whether the Triton kernels serve this CUDA device (needs triton and sm >= 8.0)."""
-    return ROW_OPS.triton_serves(device_index)
-
-
-def int8_encode(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Encode float16/bfloat16/float32 ``x`` (last-dim stride 1, <= 5 dims) to contiguous uint8
-    ``x.shape[:-1] + (D + 4,)`` in ``x``'s logical order (pass a permuted view to fuse the permute).
-
-    ``out``: a contiguous uint8 tensor of that shape (e.g. a slot of a packed send buffer) to write
-    into instead of a new one; it is returned.
-    """
-    return ROW_OPS.encode(x, out)
-
-
-def int8_decode(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Decode uint8 ``buf`` (rows of ``D + 4`` bytes, last-dim stride 1) to contiguous
-    ``buf.shape[:-1] + (D,)`` of ``dtype``."""
-    return ROW_OPS.decode(buf, dtype)
+# the validated entry points (docstrings on :class:`~.rows.RowOps`); Triton kernels need sm >= 8.0
+int8_encode, int8_decode, triton_serves = ROW_OPS.encode, ROW_OPS.decode, ROW_OPS.triton_serves

@@ -75,6 +75,35 @@ def check_decode_input(buf: torch.Tensor, dtype: torch.dtype, what: str, encoder
         raise ValueError(f"{what} produces float16/bfloat16/float32, got {dtype}")
 
 
+def torch_row_scale(xf: torch.Tensor, qmax: float):
+    """Per row of float32 ``xf``: ``(qmax / a, scale, bad)`` as the kernels compute them (``a`` the absmax
+    floored at ``AMAX_FLOOR``, ``scale = a / qmax`` or 0 for a zero row, ``bad`` the rows with inf/nan).
+    Tensor-by-tensor divisions: torch turns ``qmax / a`` into a reciprocal product, which is not
+    correctly rounded and would differ from the kernels' ``div_rn``."""
+    amax = xf.abs().amax(-1, keepdim=True)
+    a = amax.clamp_min(AMAX_FLOOR)
+    q_max = torch.full_like(a, qmax)
+    return q_max / a, torch.where(amax == 0, 0.0, a / q_max), ~torch.isfinite(amax)
+
+
+def torch_write_rows(x: torch.Tensor, out, values: torch.Tensor, scale: torch.Tensor, bad: torch.Tensor):
+    """Write value bytes and scale bytes (NaN for ``bad`` rows) into ``out`` (allocated if None)."""
+    d = x.shape[-1]
+    if out is None:
+        out = torch.empty(x.shape[:-1] + (d + SCALE_BYTES,), dtype=torch.uint8, device=x.device)
+    out[..., :d] = values
+    out[..., d:] = scale.contiguous().view(torch.int32).masked_fill(bad, NAN_SCALE_BITS).view(torch.uint8)
+    return out
+
+
+def torch_decode_rows(buf: torch.Tensor, value_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """``(float32(values as value_dtype) * scale).to(dtype)``, contiguous ``buf.shape[:-1] + (D,)``."""
+    d = buf.shape[-1] - SCALE_BYTES
+    q = buf[..., :d].view(value_dtype).float()
+    scale = buf[..., d:].contiguous().view(torch.float32)
+    return (q * scale).to(dtype).contiguous()
+
+
 class RowOps:
     """The custom ops and validated entry points of one row format (see the module docstring)."""
 
@@ -121,7 +150,7 @@ class RowOps:
         self._encode, self._encode_into, self._decode = ops
 
     def triton_serves(self, device_index: int) -> bool:
-        """Whether the Triton kernels serve this CUDA device."""
+        """Whether the Triton kernels serve this CUDA device (triton importable, capability high enough)."""
         return kernels_on(self._kernel_module, device_index, self._min_cc, self._what)
 
     def _kernels(self, t: torch.Tensor):
@@ -133,6 +162,10 @@ class RowOps:
         return importlib.import_module(self._kernel_module)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode float16/bfloat16/float32 ``x`` (last-dim stride 1, <= 5 dims) to contiguous uint8
+        ``x.shape[:-1] + (D + 4,)`` in ``x``'s logical order (pass a permuted view to fuse the permute).
+        ``out``: a contiguous uint8 tensor of that shape (e.g. a slot of a packed send buffer) to write
+        into instead of a new one; it is returned."""
         what = f"{self.name}_encode"
         check_encode_input(x, what)
         if out is None:
@@ -146,6 +179,8 @@ class RowOps:
         return out
 
     def decode(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Decode uint8 ``buf`` (rows of ``D + 4`` bytes, last-dim stride 1) to contiguous
+        ``buf.shape[:-1] + (D,)`` of ``dtype``."""
         check_decode_input(buf, dtype, f"{self.name}_decode", f"{self.name}_encode")
         return self._decode(buf, dtype)
 

@@ -35,6 +35,72 @@ def row_offsets(rows, n1, n2, n3, s0, s1, s2, s3, UNIT: tl.constexpr):
     return off * UNIT
 
 
+@triton.jit
+def _block(n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's row indices, their validity and the (row, column) mask."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    return rows, row_ok, row_ok[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+
+
+@triton.jit
+def load_rows(x_ptr, n_rows, n1, n2, n3, s0, s1, s2, s3, sd,
+              UNIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's ``BLOCK_R`` logical rows of a strided input, as float32; their indices and masks."""
+    rows, row_ok, mask = _block(n_rows, D, BLOCK_D, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    src = row_offsets(rows, n1, n2, n3, s0, s1, s2, s3, UNIT)
+    x = tl.load(x_ptr + src[:, None] + cols[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
+    return x, rows, row_ok, mask
+
+
+@triton.jit
+def row_scale(x, QMAX: tl.constexpr, FLOOR: tl.constexpr, NAN_BITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per row: ``QMAX / a`` (one ``div_rn``), the scale bits (``a / QMAX``, 0 for a zero row, NaN for a
+    row with inf/nan) and that row's inf/nan flag. The absmax is taken on the bit patterns: their
+    integer max is the float absmax, and values >= ``0x7F800000`` flag inf/nan without relying on a
+    NaN-propagating float max."""
+    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    bad = amax_bits >= 0x7F800000
+    a = tl.maximum(amax_bits.to(tl.float32, bitcast=True), FLOOR)
+    inv = tl.math.div_rn(tl.full([BLOCK_R], QMAX, tl.float32), a)
+    scale = tl.where(amax_bits == 0, 0.0, tl.math.div_rn(a, tl.full([BLOCK_R], QMAX, tl.float32)))
+    return inv, tl.where(bad, NAN_BITS, scale.to(tl.int32, bitcast=True)), bad
+
+
+@triton.jit
+def store_rows(out_ptr, rows, row_ok, mask, qb, sbits, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write encoded rows contiguously: the ``D`` value bytes, then the 4 little-endian scale bytes."""
+    cols = tl.arange(0, BLOCK_D)
+    dst = rows.to(tl.int64) * (D + 4)
+    tl.store(out_ptr + dst[:, None] + cols[None, :], qb, mask=mask)
+    j = tl.arange(0, 4)
+    sbytes = ((sbits[:, None] >> (j[None, :] * 8)) & 0xFF).to(tl.uint8)
+    tl.store(out_ptr + dst[:, None] + D + j[None, :], sbytes, mask=row_ok[:, None])
+
+
+@triton.jit
+def load_encoded(buf_ptr, n_rows, n1, n2, n3, s0, s1, s2, s3, sd,
+                 UNIT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's encoded rows of a (strided) byte buffer: value bytes, float32 scales, indices, mask."""
+    rows, row_ok, mask = _block(n_rows, D, BLOCK_D, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    src = row_offsets(rows, n1, n2, n3, s0, s1, s2, s3, UNIT)
+    qb = tl.load(buf_ptr + src[:, None] + cols[None, :] * sd, mask=mask, other=0)
+    j = tl.arange(0, 4)
+    sb = tl.load(buf_ptr + src[:, None] + (D + j[None, :]) * sd, mask=row_ok[:, None], other=0)
+    sbits = tl.sum(sb.to(tl.uint32) << (j[None, :] * 8).to(tl.uint32), axis=1)
+    return qb, sbits.to(tl.float32, bitcast=True), rows, mask
+
+
+@triton.jit
+def store_decoded(out_ptr, rows, mask, y, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write decoded float32 rows ``y`` contiguously in the output's dtype."""
+    cols = tl.arange(0, BLOCK_D)
+    dst = rows.to(tl.int64) * D
+    tl.store(out_ptr + dst[:, None] + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _row_layout(t: torch.Tensor) -> tuple[list[int], list[int], int]:
     """Coalesced row sizes and strides of ``t`` (last dim excluded), padded to 4 dims, and their unit."""
     dims: list[tuple[int, int]] = []

@@ -191,7 +191,7 @@ def throughput_cuda(device: torch.device, sweep: bool) -> tuple[list[dict], list
     enc_compiled = torch.compile(encode_torch, fullgraph=True, dynamic=False)
     dec_compiled = torch.compile(decode_torch, fullgraph=True, dynamic=False)
     bf16 = torch.bfloat16
-    fp8_note = "triton" if fp8._triton_on(device.index) else "torch (no sm 8.9)"
+    fp8_note = "triton" if fp8.triton_serves(device.index) else "torch (no sm 8.9)"
     for label, s in (("FLUX layer (1,24,4608,128)", 4608), ("4x sequence (1,24,18432,128)", 4 * 4608)):
         shape = (1, 24, s, 128)
         nbytes = math.prod(shape) * 2
@@ -297,7 +297,7 @@ def main() -> int:
             return 2
         device, tag = torch.device("cuda", torch.cuda.current_device()), "cuda"
         device_name = torch.cuda.get_device_name(device)
-        if not int8._triton_on(device.index):
+        if not int8.triton_serves(device.index):
             print(f"the Triton INT8 path is not active on {device_name} (needs sm >= 8.0 and triton)", file=sys.stderr)
             return 2
     t0 = time.time()

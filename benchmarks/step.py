@@ -16,8 +16,8 @@ Each variant is ``BACKEND:MODE``:
   ``torch._dynamo.reset()`` and use the runner's inductor compute/communication reordering.
 
 Per variant: ms per step (fixed warm-up and timed iterations after a barrier, CUDA events; the
-slowest rank's time), the first call's seconds (compilation), max |out - ref| and max |out - ref| /
-max |ref| against stock eager, peak GPU memory, and (eager) how many attention calls went through
+slowest rank's time), the first call's seconds (compilation), max |out - ref|, max |out - ref| /
+max |ref| and the Frobenius ||out - ref|| / ||ref|| against stock eager (bf16 communication), peak GPU memory, and (eager) how many attention calls went through
 ``fastusp_xdit.usp_attention`` in one step (57 layers for fastusp, 0 for stock). A failing variant
 records its error and the others still run; rank 0 rewrites the JSON after every variant, so a
 hang killed by ``--timeout`` keeps the finished rows. The summary gives fastusp's time against
@@ -28,6 +28,8 @@ Writes ``$OUT/step-<device>-w<N>.json`` (default ``benchmarks/results``) and pri
     python benchmarks/step.py                                  # 1 GPU, 1024x1024, FLUX.1-dev size, bf16
     python benchmarks/step.py --world 2 --sizes 1024,2048      # ulysses 2 over NCCL
     python benchmarks/step.py --device cpu --world 2           # tiny FLUX on gloo, fp32, for CI
+    python benchmarks/step.py --world 2 --one-gpu --variants stock:eager,fastusp_int8:eager
+                                       # 2 ranks on one GPU over gloo: numerics of the CUDA path only
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class FluxTransformerOnly:
         self.transformer = transformer
 
 
-def build_model(config: dict, dtype: torch.dtype, device: torch.device, seed: int):
+def build_model(config: dict, dtype: torch.dtype, device: torch.device, seed: int, one_gpu: bool = False):
     """xfuser's FLUX.1 transformer with random weights, built on ``device`` in ``dtype``, same on every rank."""
     from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
@@ -87,7 +89,7 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device, seed: in
     finally:
         torch.set_default_dtype(default)
     model.eval().requires_grad_(False)
-    if dist.get_world_size() > 1:
+    if dist.get_world_size() > 1 and not one_gpu:  # one GPU: the seeded build is already identical
         for p in model.parameters():
             dist.broadcast(p, 0)
     return model
@@ -181,8 +183,10 @@ def run_variant(model, inputs, backend, mode, ref, cfg) -> dict:
         row["first_call_s"] = time.perf_counter() - t0
         row["finite"] = bool(torch.isfinite(out).all())
         if ref is not None:
-            diff = (out.double() - ref.double()).abs().max().item()
-            row.update(max_abs_diff=diff, rel_diff=diff / ref.double().abs().max().item())
+            delta = out.double() - ref.double()
+            diff = delta.abs().max().item()
+            row.update(max_abs_diff=diff, rel_diff=diff / ref.double().abs().max().item(),
+                       fro_diff=(delta.norm() / ref.double().norm()).item())
         row["fastusp_calls"] = _count_fastusp_calls(step) if mode == "eager" else None
         row["ms"] = timed(step, cfg["iters"], cfg["warmup"], cfg["device"], barrier=dist.barrier)
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
@@ -210,7 +214,7 @@ def _merge(rows: list, where: dict) -> dict:
                   ms_per_rank=[r["ms"] for r in rows], first_call_s=max(r["first_call_s"] for r in rows),
                   finite=all(r["finite"] for r in rows), fastusp_calls=rows[0]["fastusp_calls"])
     if "rel_diff" in rows[0]:
-        merged.update(max_abs_diff=max(r["max_abs_diff"] for r in rows), rel_diff=max(r["rel_diff"] for r in rows))
+        merged.update({k: max(r[k] for r in rows) for k in ("max_abs_diff", "rel_diff", "fro_diff")})
     peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
     merged["peak_gib"] = max(peaks) if peaks else None
     return merged
@@ -258,7 +262,7 @@ def worker(cfg) -> list:
                                   attention_backend=cfg["stock_arg"], height=cfg["sizes"][0],
                                   width=cfg["sizes"][0]).create_config()
     config = FLUX1_DEV if cfg["model"] == "flux1-dev" else TINY
-    model = build_model(config, dtype, device, cfg["seed"])
+    model = build_model(config, dtype, device, cfg["seed"], cfg["one_gpu"])
     initialize_runtime_state(FluxTransformerOnly(model), engine_config)
     state = get_runtime_state()
     cfg["stock"] = state.attention_backend  # the runner's choice (or --stock)
@@ -313,11 +317,15 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 3 CUDA, 1 CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1200.0, help="hard deadline for all ranks, seconds")
+    ap.add_argument("--one-gpu", action="store_true",
+                    help="all --world ranks on cuda:0 over gloo (numerics only: timings are meaningless)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible: pass --device cpu")
-    if cuda and args.world > torch.cuda.device_count():
+    if args.one_gpu and not cuda:
+        ap.error("--one-gpu needs --device cuda")
+    if cuda and not args.one_gpu and args.world > torch.cuda.device_count():
         ap.error(f"--world {args.world} exceeds the {torch.cuda.device_count()} visible GPUs")
     if args.world < 1 or args.ring < 1 or args.world % args.ring:
         ap.error(f"--ring {args.ring} must divide --world {args.world}")
@@ -377,15 +385,16 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     head = header(args.device)
     head["versions"].update(_versions())
-    filename = f"step-{args.device}-w{args.world}.json"
+    filename = f"step-{args.device}-w{args.world}{'-one-gpu' if args.one_gpu else ''}.json"
     cfg = {"device": args.device, "world": args.world, "ulysses": args.ulysses, "ring": args.ring,
            "model": args.model, "sizes": args.sizes, "text_len": args.text_len, "variants": args.variants,
            "stock_arg": args.stock, "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
-           "seed": args.seed, "header": head, "filename": filename}
+           "seed": args.seed, "header": head, "filename": filename, "one_gpu": args.one_gpu}
     start = time.time()
     try:
         stock, rows = run_distributed(worker, args.world, cfg, timeout=args.timeout,
-                                      backend="nccl" if args.device == "cuda" else "gloo",
+                                      backend="nccl" if args.device == "cuda" and not args.one_gpu else "gloo",
+                                      one_gpu=args.one_gpu,
                                       collective_timeout=min(600.0, args.timeout / 2))[0]
     except Exception:
         if os.path.exists(out_path(filename)) and os.path.getmtime(out_path(filename)) >= start:

@@ -27,11 +27,10 @@ import torch
 from fastusp_xdit.apps.launch import run_distributed
 from fastusp_xdit.comm.codecs import WireSpec
 from fastusp_xdit.usp.verify import reference_attention, run_cases
-from fastusp_xdit.xdit.variants import VARIANTS
+from fastusp_xdit.xdit.variants import VARIANTS, eight_bit, plain
 
 SPECS = ("qvo", "qvo,k", "qvo,k,ring_kv", "qvo=int8", "qvo=int8,k=int8", "qvo=int8,k=int8,ring_kv=int8")
-EIGHT_BIT = [v.name for v in VARIANTS.values() if v.wire != "none"]
-PLAIN = next(v.name for v in VARIANTS.values() if v.wire == "none" and not v.usp_kwargs and not v.staged)
+EIGHT_BIT, PLAIN = eight_bit(), plain()
 
 
 def distributed_rows() -> list:

@@ -231,15 +231,14 @@ def test_rows_note_8bit_variants_that_quantized_nothing_and_keep_one_difference(
                     sec_per_step=0.1)]
     results += [dict(config=f"ring 2: {b or 'stock'}", world=2, backend=b or "sdpa_flash", stock=b is None,
                      png=f"{b}.png", image=ref + 1e-3 * (b is not None), sec_per_step=0.1) for b in (None, *shown)]
-    from fastusp_xdit.apps import backends
 
-    rows = {r["backend"]: r for r in demo_pipeline._rows(results, str(tmp_path), backends.eight_bit_idle(1))}
+    rows = {r["backend"]: r for r in demo_pipeline._rows(results, str(tmp_path), demo_pipeline.eight_bit_idle(1))}
     for name in shown[1:]:  # ulysses 1: no all-to-all ran, the 8-bit wire had nothing to carry
-        assert "nothing was sent in 8 bits" in rows[name]["note"], rows[name]
-    assert rows[shown[0]]["note"] == "" and backends.eight_bit_idle(2) == {}
+        assert "nothing sent in 8 bits" in rows[name]["note"], rows[name]
+    assert rows[shown[0]]["note"] == "" and demo_pipeline.eight_bit_idle(2) == {}
     assert rows[shown[0]]["max_abs_vs_1proc"] == pytest.approx(1e-3, rel=1e-3)
     table = demo_pipeline._table(list(rows.values()), cpu=True)
-    assert "nothing was sent in 8 bits" in table and table.count("max|d|") == 2 and "rel" not in table, table
+    assert "nothing sent in 8 bits" in table and table.count("max|d|") == 2 and "rel" not in table, table
     assert "s/step*" in table and "not a speed measurement" in table.replace("\n", " "), table
 
 

@@ -324,7 +324,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_cuda_triton_bytes_equal_torch_bytes():
     from fastusp_xdit.comm import int8
 
-    if not int8._triton_on(torch.cuda.current_device()):
+    if not int8.triton_serves(torch.cuda.current_device()):
         pytest.skip("the Triton INT8 path is not active (needs triton and sm >= 8.0)")
     for dtype in DTYPES:
         x = _special_rows(dtype)

@@ -243,7 +243,7 @@ def test_launch_runs_a_module(tmp_path):
     (tmp_path / "one_gpu_probe_mod.py").write_text(
         "import os, sys\nprint('MOD', os.environ['RANK'], sys.argv[1:], __name__)\n")
     res = L.launch(["-m", "one_gpu_probe_mod", "--a", "1"], 2, timeout=120, cwd=tmp_path,
-                   env={"PYTHONPATH": str(tmp_path)})
+                   env={"PYTHONPATH": str(tmp_path)}, log_dir=tmp_path / "logs")
     assert res.ok, res.summary()
     for rank in range(2):
         assert f"MOD {rank} ['--a', '1'] __main__" in res.log(rank), res.log(rank)
@@ -258,7 +258,7 @@ def test_launch_reports_the_failing_rank_and_kills_the_rest(tmp_path):
         time.sleep(120)  # rank 0 would wait forever for its peer
     """))
     t0 = time.monotonic()
-    res = L.launch([str(script)], 2, timeout=120, grace=2.0, cwd=tmp_path)
+    res = L.launch([str(script)], 2, timeout=120, grace=2.0, cwd=tmp_path, log_dir=tmp_path / "logs")
     assert time.monotonic() - t0 < 60
     assert not res.ok and not res.timed_out and res.failed_ranks == [0, 1] and res.first_failure == 1
     assert res.killed == [0]
@@ -275,7 +275,7 @@ def test_launch_enforces_the_deadline(tmp_path):
                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
                       "time.sleep(300)\n")
     t0 = time.monotonic()
-    res = L.launch([str(script)], 2, timeout=8, cwd=tmp_path)
+    res = L.launch([str(script)], 2, timeout=8, cwd=tmp_path, log_dir=tmp_path / "logs")
     assert time.monotonic() - t0 < 30
     assert res.timed_out and not res.ok and sorted(res.killed) == [0, 1], res.summary()
     assert "TIMED OUT" in res.summary() and "killed by the launcher at the deadline" in res.summary()
@@ -287,7 +287,8 @@ def test_cli(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os, sys; sys.exit(3 if os.environ['RANK'] == '0' else 0)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "benchmarks.one_gpu.launch", "--nproc", "2", "--timeout", "120"]
+    cmd = [sys.executable, "-m", "benchmarks.one_gpu.launch", "--nproc", "2", "--timeout", "120",
+           "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.run([*cmd, "--", str(ok)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "hello from 1" in proc.stdout and "ok in" in proc.stdout, proc.stdout
@@ -307,7 +308,7 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
                       f"pathlib.Path({str(tmp_path)!r}, 'pid' + os.environ['RANK']).write_text(str(os.getpid()))\n"
                       "time.sleep(300)\n")
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.one_gpu import launch as L; "
-            f"L.launch([{str(script)!r}], 2, timeout=300)")
+            f"L.launch([{str(script)!r}], 2, timeout=300, log_dir={str(tmp_path / 'logs')!r})")
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         pids = [tmp_path / f"pid{r}" for r in range(2)]
@@ -335,3 +336,30 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_pipefusion_runs_over_gloo_with_the_staging(tmp_path):
+    """xDiT's PipeFusion on gloo needs the staging's NCCL-like P2P (both stages send shapes before either
+    receives): with it forced onto CPU tensors, the FLUX example's PipeFusion 2 runs (without it, it
+    stalls) and its latents match the 1-rank run up to PipeFusion's stale patch activations."""
+    import torch
+
+    from fastusp_xdit.xdit.tiny import build_tiny_flux
+
+    model = build_tiny_flux(tmp_path / "tiny_flux")
+    args = ["--model", model, "--height", "32", "--width", "32", "--num_inference_steps", "3",
+            "--max_sequence_length", "8", "--prompt", "a tiny red cat"]
+    latents = {}
+    for name, nproc, extra in (("one", 1, []), ("pf2", 2, ["--attention_backend", "fastusp",
+                                                            "--pipefusion_parallel_degree", "2"])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        res = L.launch([str(REPO / "examples" / "flux_example.py"), *args, *extra], nproc, timeout=240, cwd=cwd,
+                       log_dir=cwd / "logs",
+                       env={L.ENV_LATENTS: str(cwd / "lat"), L.ENV_STAGE_CPU: "1", "FASTUSP_XDIT_AUTOLOAD": "0"})
+        assert res.ok, res.summary()
+        assert len(list((cwd / "results").glob("*.png"))) == 1
+        latents[name] = torch.load(sorted((cwd / "lat").glob("*.pt"))[-1])
+    err = ((latents["pf2"] - latents["one"]).norm() / latents["one"].norm()).item()
+    assert 0 < err < 1e-2, err

@@ -24,7 +24,8 @@ def emulated_ring(q, k, v, ring: int, rank: int, fp8=None):
     tm = steps.token_major
     kv = [steps.own_block([tm(kb)], [tm(vb)]) for kb, vb in zip(k.split(sizes, 2), v.split(sizes, 2))]
     spec = CallSpec(None, None, 1, ring, 0, rank, (q.shape[2],), (sizes[rank],), (q.shape[1],), (k.shape[1],), (0,),
-                    (0,), tuple(sizes), 0, 0, True, backend=select_backend(q, k), wire=WireSpec.of(fp8))
+                    (0,), tuple(sizes), 0, 0, True, scale=None, backend=select_backend(q, k), wire=WireSpec.of(fp8),
+                    head_groups=1)
     received = [steps.ring_encode(kv[(rank - step) % ring], spec) for step in range(1, ring)]
     out = steps.ring(tm(q), [kv[rank], kv[rank]], spec, shift=lambda x, rows, group: received.pop(0))
     return out.permute(1, 2, 0, 3)

@@ -122,7 +122,8 @@ def _xfuser_splits(monkeypatch, geometry: ModelGeometry, sp: int, height: int) -
         return False
 
 
-@pytest.mark.parametrize("geometry", [TINY_FLUX, FLUX_DEV, TINY_SD3, SD3_MEDIUM], ids=["tiny_flux", "flux_dev", "tiny_sd3", "sd3_medium"])
+@pytest.mark.parametrize("geometry", [TINY_FLUX, FLUX_DEV, TINY_SD3, SD3_MEDIUM],
+                         ids=["tiny_flux", "flux_dev", "tiny_sd3", "sd3_medium"])
 def test_size_rule_is_xfusers_split_check_and_the_pipelines_own(monkeypatch, geometry):
     """Every height 1..300 and width 1..300 at 8 degree pairs: accepted exactly when xfuser splits it over the
     ranks and diffusers takes it as is (a multiple of the pixels per token), within the caps."""

@@ -21,7 +21,7 @@ REPO=$PWD
 OUT=${OUT:-$REPO/out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_suite.XXXXXX)
-BUDGET=${SUITE_BUDGET_S:-510}
+BUDGET=${SUITE_BUDGET_S:-540}
 T0=$(date +%s)
 
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
@@ -83,7 +83,7 @@ EOF
     echo "== phase 1 (concurrent): usp on one GPU, xDiT examples + runner on one GPU   [$(left) s left]"
     step usp_one_gpu 300 tests/test_usp_one_gpu_cuda.py &
     local p1=$!
-    (export FASTUSP_ONE_GPU_MAX_PROCS=${FASTUSP_ONE_GPU_MAX_PROCS:-10}; step xdit_one_gpu 420 tests/xdit/test_one_gpu_cuda.py) &
+    (export FASTUSP_ONE_GPU_MAX_PROCS=${FASTUSP_ONE_GPU_MAX_PROCS:-10}; step xdit_one_gpu 470 tests/xdit/test_one_gpu_cuda.py) &
     local p2=$!
     wait $p1 || status=1
     wait $p2 || status=1
@@ -145,6 +145,36 @@ tests = sum(int(s.get("tests", 0)) for s in root)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in root)
 skipped = sum(int(s.get("skipped", 0)) for s in root)
 print(f"== junit: {tests} tests, {bad} failed or errored, {skipped} skipped -> {sys.argv[2]}")
+EOF
+    python3 - "$OUT" <<'EOF'
+import json, os, sys
+def fmt(x):
+    return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
+p = os.path.join(sys.argv[1], "one_gpu_cells.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    bad = [c for c in d["cells"] if not c.get("pass")]
+    print(f"== one-GPU cells: {len(d['cells'])}, {len(bad)} not passing, matrix {d['wall_s']} s "
+          "(vs 1 rank | vs stock: px max/mean in 1/255, latent rel)")
+    for c in d["cells"]:
+        one, st = (c.get("comparisons", {}).get(k, {}) for k in ("1rank", "stock"))
+        tag = "ok  " if c.get("pass") else ("info" if c.get("informational") else "BAD ")
+        print(f"  {tag} {c['id']:26s} {fmt(c.get('wall_s')):>5}s | {fmt(one.get('px_max'))}/{fmt(one.get('px_mean'))} "
+              f"{fmt(one.get('latent_rel'))} | {fmt(st.get('px_max'))}/{fmt(st.get('px_mean'))} {fmt(st.get('latent_rel'))}"
+              + ("" if c.get("ran") else "  (did not run)"))
+p = os.path.join(sys.argv[1], "usp_one_gpu.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    for world, rows in d["worlds"].items():
+        if isinstance(rows, dict):
+            print(f"== usp world {world}: JOB FAILED")
+            continue
+        worst = {}
+        for r in rows:
+            worst[r["kind"]] = max(worst.get(r["kind"], 0.0), r.get("fp8_vs_raw") or r.get("err") or 0.0)
+        nbad = sum(bool(r["failures"]) for r in rows)
+        print(f"== usp world {world}: {len(rows)} cases, {nbad} failing; worst " +
+              ", ".join(f"{k} {v:.3g}" for k, v in sorted(worst.items())))
 EOF
     echo "== done in $(($(date +%s) - T0)) s, status $status; files in $OUT:"
     ls -la "$OUT"

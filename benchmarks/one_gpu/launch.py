@@ -99,9 +99,12 @@ def _needs_staging(tensor, group) -> bool:
     if tensor.device.type == "cpu":
         return False
     try:
-        return str(_dist().get_backend(group)) == "gloo"
+        backend = str(_dist().get_backend(group)).lower()
     except Exception:  # not a member, not initialised: let torch report it
         return False
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": the backend of this tensor's device
+        backend = dict(item.split(":", 1) for item in backend.split(",")).get(tensor.device.type, "")
+    return backend == "gloo"
 
 
 def _wire(host):
@@ -160,11 +163,11 @@ def _base_work():
 class _SentWork:
     """Factory for the Work of a staged send (a ``torch.distributed.Work`` subclass, made lazily)."""
 
-    cls = None
+    made = None
 
     @classmethod
     def make(cls, inner):
-        if cls.cls is None:
+        if cls.made is None:
             base = _base_work()
 
             class StagedSendWork(base):
@@ -191,18 +194,18 @@ class _SentWork:
                 def synchronize(self):
                     return None
 
-            cls.cls = StagedSendWork
-        return cls.cls(inner)
+            cls.made = StagedSendWork
+        return cls.made(inner)
 
 
 class _RecvWork:
     """Factory for the Work of a staged receive (made lazily, as above)."""
 
-    cls = None
+    made = None
 
     @classmethod
     def make(cls, inner, host, dest, batch=None):
-        if cls.cls is None:
+        if cls.made is None:
             base = _base_work()
 
             class StagedRecvWork(base):
@@ -255,8 +258,8 @@ class _RecvWork:
                 def synchronize(self):
                     return None
 
-            cls.cls = StagedRecvWork
-        return cls.cls(inner, host, dest, batch)
+            cls.made = StagedRecvWork
+        return cls.made(inner, host, dest, batch)
 
 
 def _stage_out(tensor):

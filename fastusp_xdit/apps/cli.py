@@ -50,11 +50,13 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per multi-process run")
     pipe = demo.add_argument_group("pipeline demo (default)")
     pipe.add_argument("--model", help="local FLUX.1 / SD3 diffusers checkpoint (default: tiny random FLUX.1)")
-    pipe.add_argument("--ulysses", type=int, help="Ulysses degree (default 2)")
+    pipe.add_argument("--ulysses", type=int, help="Ulysses degree (default 2); must divide the model's heads, and "
+                                                  "ulysses x ring fit the machine (one process per core or GPU)")
     pipe.add_argument("--ring", type=int, help="ring degree (default 1)")
     pipe.add_argument("--steps", type=int, help="denoising steps (default 4 tiny, 28 --model)")
-    pipe.add_argument("--height", type=int, help="pixels (default 64 tiny, 1024 --model)")
-    pipe.add_argument("--width", type=int, help="pixels (default 64 tiny, 1024 --model)")
+    pipe.add_argument("--height", type=int, help="pixels (default 64 tiny, 1024 --model, or the nearest size the "
+                                                 "model and degrees allow; up to 128 tiny, 2048 --model)")
+    pipe.add_argument("--width", type=int, help="pixels (default as --height)")
     pipe.add_argument("--prompt")
     pipe.add_argument("--seed", type=int)
     pipe.add_argument("--guidance", type=float, help="guidance scale (default 3.5)")

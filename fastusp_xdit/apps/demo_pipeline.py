@@ -35,9 +35,9 @@ import time
 
 import numpy as np
 
-from . import backends
 from .launch import WorkerError, run_distributed
 from .sizes import DEFAULT_MAX_SIZE, TINY_FLUX, TINY_NAME, degree_problem, read_geometry, size_rule, valid_degrees
+from ..xdit import variants
 from ..xdit.pipeline import PipelineSpec, quiet_libraries
 
 TINY_DEFAULTS = dict(steps=4, size=64, dtype="float32", max_sequence_length=32)
@@ -45,6 +45,9 @@ MODEL_DEFAULTS = dict(steps=28, size=1024, dtype="bfloat16", max_sequence_length
 FAILURE_LOG = "demo_failure.log"
 TIMING_NOTE = ("s/step*: processes sharing this machine's CPU cores, not a speed measurement: the figures swing "
                "between runs and processes and only show that each run worked (benchmarks/ measures speed, on GPUs)")
+
+
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "died with exit code")
 
 
 class ConfigError(ValueError):
@@ -55,9 +58,16 @@ class DemoFailed(RuntimeError):
     """Ranks failed: the message is the summary (first traceback included; the rest in the log file)."""
 
 
+def eight_bit_idle(ulysses: int) -> dict:
+    """{variant: note} for the 8-bit variants that quantize nothing at this Ulysses degree: their wire acts on
+    the Ulysses all-to-alls only (unless it names the ring's K/V), and at ulysses 1 none runs."""
+    return {v.name: f"ulysses 1: no all-to-all ran, nothing sent in 8 bits (= {variants.plain()})"
+            for v in variants.VARIANTS.values() if v.wire != "none" and ulysses == 1 and "ring_kv" not in v.wire}
+
+
 def demo_backends() -> tuple[str, ...]:
-    """The plain fastusp variant, then each one that sends 8-bit data (:mod:`.backends`)."""
-    return (backends.plain(), *backends.eight_bit())
+    """The plain fastusp variant, then each one that sends 8-bit data (from the registry)."""
+    return (variants.plain(), *variants.eight_bit())
 
 
 def machine() -> dict:
@@ -185,7 +195,7 @@ def _table(rows: list, cpu: bool) -> str:
         cells = [f"{r[k]:.2e}" if r.get(k) is not None else "-" for k in ("max_abs_vs_1proc", "max_abs_vs_stock")]
         lines.append(f"{r['config']:<38}{r['world']:>6}{r['sec_per_step']:>9.4f}{cells[0]:>18}{cells[1]:>17}  "
                      f"{r.get('note', '')}".rstrip())
-    lines.insert(1, "-" * max(map(len, lines)))
+    lines.insert(1, "-" * min(max(map(len, lines)), 120))
     if cpu:
         lines += textwrap.wrap(TIMING_NOTE, 100)
     return "\n".join(lines)
@@ -247,7 +257,7 @@ def run(model: str | None = None, ulysses: int = 2, ring: int = 1, steps: int | 
         finally:
             progress.put(None)
             shown.join(timeout=5)
-    rows = _rows(results, out_dir, backends.eight_bit_idle(ulysses))
+    rows = _rows(results, out_dir, eight_bit_idle(ulysses))
     figure = _differences(results, os.path.join(out_dir, "differences.png"))
     cpu = pg == "gloo"
     record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": doctor.device_summary(),
@@ -271,7 +281,9 @@ def failure_summary(error: Exception, what: str, world: int, out_dir: str) -> st
     errors = getattr(error, "errors", None)
     if not errors:  # a timeout: no traceback to show
         return f"{what} failed: {error}\n(written to {log})"
-    first_rank, first = next(iter(errors.items()))
+    # the first report is most likely the cause; skip ones that only say a peer went away
+    first_rank, first = next(((r, t) for r, t in errors.items() if not any(s in t for s in _PEER_SIGNS)),
+                             next(iter(errors.items())))
     lasts = {text.strip().splitlines()[-1] for text in errors.values()}
     alike = f"the same error on {'every' if len(errors) == world else 'each failing'} rank" if len(lasts) == 1 else \
         f"{len(lasts)} different errors"

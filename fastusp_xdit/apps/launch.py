@@ -33,22 +33,24 @@ class WorkerError(RuntimeError):
         self.errors = dict(errors or {})
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, coll_timeout, threads, fn, args, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+def _worker(rank, world, port, backend, coll_timeout, threads, one_gpu, fn, args, results):
+    local = 0 if one_gpu else rank  # one_gpu: every rank on cuda:0 (xfuser reads LOCAL_RANK for its device)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
+        if backend == "nccl" or one_gpu:
+            torch.cuda.set_device(local)
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=coll_timeout))
         try:
@@ -59,7 +61,10 @@ def _worker(rank, world, port, backend, coll_timeout, threads, fn, args, results
             results.put((rank, False, traceback.format_exc()))
             results.close()
             results.join_thread()
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except BaseException:
+                pass
             return
         dist.destroy_process_group()
         results.put((rank, True, out))
@@ -69,17 +74,20 @@ def _worker(rank, world, port, backend, coll_timeout, threads, fn, args, results
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0,
                     backend: str = "gloo", collective_timeout: float | None = None,
-                    threads: int = 1) -> list:
+                    threads: int = 1, one_gpu: bool = False) -> list:
     """Run ``fn(*args)`` on ``world_size`` processes; return the per-rank results in rank order.
+
+    ``one_gpu``: every rank uses ``cuda:0`` (with gloo, which stages CUDA tensors for collectives: the
+    real CUDA kernels inside real distributed calls; for tests and numerics, not for timings).
 
     ``fn`` must be importable by name (module level): workers are spawned, not forked.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     coll_timeout = collective_timeout if collective_timeout is not None else max(10.0, timeout / 2)
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, backend, coll_timeout, threads, fn, args, results))
+                         args=(r, world_size, port, backend, coll_timeout, threads, one_gpu, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

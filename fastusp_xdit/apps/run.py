@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     """Activate fastusp in this process, then run the script or module named by ``argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        print(__doc__.split("\n\n", 1)[1].rstrip())
+        print(USAGE + "\n\nRuns an xDiT script or module as Python would, with fastusp active (it then accepts "
+              "fastusp's --attention_backend names); also a torchrun target:\n"
+              "  torchrun --nproc_per_node=2 -m fastusp_xdit.apps.run SCRIPT ARGS")
         raise SystemExit(0)
     if not argv or argv == ["-m"]:
         raise SystemExit(USAGE)

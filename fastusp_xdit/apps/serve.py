@@ -42,8 +42,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from . import backends
-from .launch import _free_port
+from ..xdit import variants
+from .launch import free_port
 from ..xdit.pipeline import PipelineSpec, backend_names
 from .serve_output import OutputFolder
 from .serve_request import MAX_BODY_BYTES, GenerateRequest, Limits, RequestError, parse_request, too_large
@@ -483,8 +483,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastusp-xdit serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", "--model_path", dest="model",
                    help="local FLUX.1 / SD3 diffusers checkpoint (default: build the tiny random FLUX.1)")
-    p.add_argument("--attention_backend", "--attention-backend", default=backends.plain(),
-                   help=f"any xfuser backend name, fastusp ones included (default {backends.plain()})")
+    p.add_argument("--attention_backend", "--attention-backend", default=variants.plain(),
+                   help=f"any xfuser backend name, fastusp ones included (default {variants.plain()})")
     p.add_argument("--ulysses_degree", "--ulysses-degree", "--ulysses_parallel_degree", type=int,
                    help="default: world_size / ring_degree, or 2")
     p.add_argument("--ring_degree", "--ring-degree", type=int, default=1, help="default 1")
@@ -597,8 +597,8 @@ def _main(p: argparse.ArgumentParser, args, httpd: ThreadingHTTPServer) -> int:
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     host, port = httpd.server_address[:2]
     print(f"fastusp-xdit serve: listening on http://{host}:{port} ({model_name}, {args.attention_backend}, "
-          f"ulysses {args.ulysses_degree} x ring {args.ring_degree} on {service.world} ranks, {pg}; {limits.sizes.describe()}; "
-          f"images saved under {output.root}; loading)", flush=True)
+          f"ulysses {args.ulysses_degree} x ring {args.ring_degree} on {service.world} ranks, {pg}; "
+          f"{limits.sizes.describe()}; images saved under {output.root}; loading)", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="fastusp_serve_")
     code = 1
     try:
@@ -628,7 +628,7 @@ def _main(p: argparse.ArgumentParser, args, httpd: ThreadingHTTPServer) -> int:
 
 def _serve(service: Service, httpd: ThreadingHTTPServer, stop: threading.Event) -> int:
     args, spec, pg = service.args, service.spec, service.pg
-    dist_port, world = _free_port(), service.world
+    dist_port, world = free_port(), service.world
     threads = max(1, (os.cpu_count() or 1) // world) if pg == "gloo" else 1
     ctx = mp.get_context("spawn")
     if not stop.is_set():
@@ -655,6 +655,6 @@ def _serve(service: Service, httpd: ThreadingHTTPServer, stop: threading.Event) 
 
 
 if __name__ == "__main__":
-    from fastusp_xdit.apps.serve import main as _module_main  # workers unpickle this module's functions by its real name
+    from fastusp_xdit.apps.serve import main as _module_main  # workers unpickle this module's functions by name
 
     sys.exit(_module_main())

@@ -22,7 +22,10 @@ from .consistency import check_call
 
 @dataclass(frozen=True)
 class CallSpec:
-    """Host-side decisions of one call (all ranks hold equal specs but for their own ranks)."""
+    """Host-side decisions of one call (all ranks hold equal specs but for their own ranks).
+
+    No field has a default: ``torch.compile`` traces the construction, and dynamo (torch 2.11) cannot
+    wrap a default held by the class."""
 
     ulysses_group: Any
     ring_group: Any
@@ -40,10 +43,10 @@ class CallSpec:
     joint_q: int      # joint query tokens (replicated)
     joint_kv: int     # joint key/value tokens (replicated)
     front: bool       # joint tokens before (True) or after the sequence tokens
-    scale: Optional[float] = None
-    backend: Optional[str] = None
-    wire: WireSpec = WireSpec()
-    head_groups: int = 1
+    scale: Optional[float]  # softmax scale (None: head_dim ** -0.5)
+    backend: str      # local attention kernel (fastusp_xdit.ops)
+    wire: WireSpec    # the codec of each travelling tensor
+    head_groups: int  # requested head groups (see groups())
 
     def heads(self, kind: str) -> tuple[int, int]:
         """This rank's head range ``[lo, hi)`` of the input tensors (``kind`` ``"q"`` or ``"kv"``)."""

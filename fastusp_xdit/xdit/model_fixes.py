@@ -24,6 +24,8 @@ Corrected, each named for the xfuser code it fixes (``FIXES``):
   ``_pad_to_sp_divisible`` supplied (its ``pad_to_sp_divisible``) and the pad keys excluded; text
   that does not divide the degree is replicated on every rank by xfuser -- attended once, as joint
   tokens, instead of once per rank;
+* ``transformer_z_image.xFuserZImageTransformer2DWrapper._chunk_and_pad_sequence`` (Z-Image): pad keys of
+  the image, caption and joint sequences excluded (only degrees that do not divide 32, e.g. 3, pad);
 * ``attention_processor.xFuserAttnProcessor2_0.__call__`` with ``latte_temporal_attention`` (Latte):
   temporal attention (sequence = frames, each rank holds all frames of its spatial positions) runs
   locally instead of through USP.
@@ -193,6 +195,7 @@ FLUX2 = "xfuser.model_executor.models.transformers.transformer_flux2"
 QWEN = "xfuser.model_executor.models.transformers.transformer_qwen"
 HUNYUAN_VIDEO = "xfuser.model_executor.models.transformers.transformer_hunyuan_video"
 FLUX1 = "xfuser.model_executor.models.transformers.transformer_flux"
+Z_IMAGE = "xfuser.model_executor.models.transformers.transformer_z_image"
 PROCESSORS = "xfuser.model_executor.layers.attention_processor"
 
 _orig: dict = {}
@@ -366,8 +369,44 @@ def _fix_latte(module: types.ModuleType):
     _wrap(module.xFuserAttnProcessor2_0, "__call__", make)
 
 
+# xfuser 0.7.0 transformer_z_image.py, xFuserZImageTransformer2DWrapper: _chunk_and_pad_sequence zero-pads
+# the image, caption and joint sequences in turn (each a multiple of 32 tokens: only degrees like 3 pad) and
+# the pad rows were attended as keys; each chunked sequence's layout holds until _gather_and_unpad.
+def _fix_z_image(module: types.ModuleType):
+    check_module(module)
+    cls = module.xFuserZImageTransformer2DWrapper
+
+    def make_chunk(orig):
+        def _chunk_and_pad_sequence(self, x, sp_world_rank, sp_world_size, pad_amount, dim):
+            if x.dim() == 3 and dim % 3 == 1 and _fastusp():  # a hidden sequence (or its RoPE): masks are 2-D
+                lay = SeqLayout((pad_segment(x.shape[dim], sp_world_size),))
+                _STATE["layout"] = lay if _needed(lay) else None
+            return orig(self, x, sp_world_rank, sp_world_size, pad_amount, dim)
+        return _chunk_and_pad_sequence
+
+    def make_gather(orig):
+        def _gather_and_unpad(self, x, pad_amount, dim):
+            if _fastusp():
+                _STATE["layout"] = None
+            return orig(self, x, pad_amount, dim)
+        return _gather_and_unpad
+
+    def make_forward(orig):
+        def forward(self, *args, **kwargs):
+            prev = _STATE["layout"]
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                _STATE["layout"] = prev
+        return forward
+
+    _wrap(cls, "_chunk_and_pad_sequence", make_chunk)
+    _wrap(cls, "_gather_and_unpad", make_gather)
+    _wrap(cls, "forward", make_forward)
+
+
 FIXES = {WAN: _fix_wan, FLUX2: _fix_flux2, QWEN: _fix_qwen, HUNYUAN_VIDEO: _fix_hunyuan_video, FLUX1: _fix_flux1,
-         PROCESSORS: _fix_latte}
+         PROCESSORS: _fix_latte, Z_IMAGE: _fix_z_image}
 
 
 def install() -> None:

@@ -48,6 +48,7 @@ TARGETS: dict[str, dict[str, tuple | None]] = {
     "xfuser.model_executor.models.transformers.transformer_hunyuan_video": {
         "xFuserHunyuanVideoTransformer3DWrapper": None, "get_sp_group": ()},
     "xfuser.model_executor.layers.attention_processor": {"xFuserAttnProcessor2_0": None},
+    "xfuser.model_executor.models.transformers.transformer_z_image": {"xFuserZImageTransformer2DWrapper": None},
 }
 
 # patched module -> [(module, class, method, parameter names)]: methods flux_overlap.py replaces when it loads
@@ -78,6 +79,13 @@ METHODS: dict[str, list[tuple[str, str, str, tuple]]] = {
          "xFuserHunyuanVideoTransformer3DWrapper", "forward",
          ("self", "hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
           "pooled_projections", "guidance", "attention_kwargs", "return_dict"))],
+    "xfuser.model_executor.models.transformers.transformer_z_image": [
+        ("xfuser.model_executor.models.transformers.transformer_z_image", "xFuserZImageTransformer2DWrapper",
+         "_chunk_and_pad_sequence", ("self", "x", "sp_world_rank", "sp_world_size", "pad_amount", "dim")),
+        ("xfuser.model_executor.models.transformers.transformer_z_image", "xFuserZImageTransformer2DWrapper",
+         "_gather_and_unpad", ("self", "x", "pad_amount", "dim")),
+        ("xfuser.model_executor.models.transformers.transformer_z_image", "xFuserZImageTransformer2DWrapper",
+         "forward", ("self", "x", "t", "cap_feats", "patch_size", "f_patch_size", "return_dict"))],
     "xfuser.model_executor.layers.attention_processor": [
         ("xfuser.model_executor.layers.attention_processor", "xFuserAttnProcessor2_0", "__call__",
          ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb",

@@ -25,6 +25,13 @@ class Family:
     config: dict
     make_inputs: Callable    # (shape: dict, generator) -> forward kwargs
     shapes: dict = field(default_factory=dict)
+    # xfuser wrappers built around a transformer instance (xFuserTransformerBaseWrapper) rather than from its config
+    wrap_instance: bool = False
+    # (wrapped, inputs) -> output: how xfuser's *pipeline* feeds the wrapper, for families whose pipeline (not
+    # the wrapper) splits the latents (default: call the wrapper with the full inputs)
+    sp_call: Callable | None = None
+    ring_ok: bool = True     # False: xfuser refuses ring > 1 for this family (Lumina2)
+    wrap_kwargs: bool = False
 
     def build(self, seed: int = 0):
         import diffusers
@@ -37,9 +44,20 @@ class Family:
         import importlib
 
         cls = getattr(importlib.import_module(self.wrapper[0]), self.wrapper[1])
-        wrapped = cls.from_config(model.config)
+        if self.wrap_instance:
+            import copy
+
+            return cls(copy.deepcopy(model)).eval()
+        if self.wrap_kwargs:  # a wrapper whose __init__ takes only **kwargs: from_config would see no parameters
+            wrapped = cls(**{k: v for k, v in model.config.items() if not k.startswith("_")})
+        else:
+            wrapped = cls.from_config(model.config)
         wrapped.load_state_dict(model.state_dict())
         return wrapped.eval()
+
+    def run(self, wrapped, inputs: dict):
+        """The wrapper's output for the full-sequence ``inputs``, fed as xfuser's pipeline feeds it."""
+        return wrapped(**inputs) if self.sp_call is None else self.sp_call(wrapped, inputs)
 
     def inputs(self, shape: str, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -97,6 +115,54 @@ def _flux1_inputs(s, g):
                 txt_ids=torch.zeros(t, 3), return_dict=False)
 
 
+def _latte_inputs(s, g):
+    h, w = s["hw"]
+    return dict(hidden_states=_r(g, 1, 4, s["frames"], h, w), timestep=torch.tensor([500]),
+                encoder_hidden_states=_r(g, 1, s.get("text", 6), 8), enable_temporal_attentions=True, return_dict=False)
+
+
+def _lumina2_inputs(s, g):
+    h, w = s["hw"]
+    t = s["text"]
+    return dict(hidden_states=_r(g, 1, 4, 2 * h, 2 * w), timestep=torch.tensor([0.5]),
+                encoder_hidden_states=_r(g, 1, t, 16), encoder_attention_mask=torch.ones(1, t, dtype=torch.long),
+                return_dict=False)
+
+
+def _z_image_inputs(s, g):
+    h, w = s["hw"]
+    return dict(x=[_r(g, 4, 1, 2 * h, 2 * w)], t=torch.tensor([0.5]), cap_feats=[_r(g, s["text"], 16)],
+                return_dict=False)
+
+
+def _height_split_call(wrapped, inputs):
+    """What xfuser 0.7.0's video pipelines (``pipeline_latte.py``) do around the transformer with sequence
+    parallelism: set the runtime's input size (its patch metadata splits the latent *height* over the sp
+    ranks, raising where it does not divide), take this rank's rows (``_init_video_sync_pipeline``), and
+    all-gather the rows of every rank after the step."""
+    from xfuser.core.distributed import get_runtime_state, get_sequence_parallel_world_size, get_sp_group
+    from xfuser.model_executor.pipelines.base_pipeline import xFuserPipelineBaseWrapper
+
+    state = get_runtime_state()
+    cfg = wrapped.config
+    latents = inputs["hidden_states"]
+    _, _, frames, h, w = latents.shape
+    state._set_model_parameters(vae_scale_factor=1, backbone_patch_size=cfg.patch_size,
+                                backbone_in_channel=cfg.in_channels,
+                                backbone_inner_dim=cfg.num_attention_heads * cfg.attention_head_dim)
+    state.ready = False
+    state.set_video_input_parameters(height=h, width=w, num_frames=frames, batch_size=latents.shape[0])
+    local = xFuserPipelineBaseWrapper._init_video_sync_pipeline(None, latents)
+    out = sample(wrapped(**{**inputs, "hidden_states": local}))
+    sp = get_sequence_parallel_world_size()
+    if sp == 1:
+        return out
+    parts = get_sp_group().all_gather(out.contiguous(), separate_tensors=True)
+    starts = state.pp_patches_start_idx_local
+    return torch.cat([parts[r][:, :, :, starts[p]:starts[p + 1], :] for p in range(state.num_pipeline_patch)
+                      for r in range(sp)], dim=-2)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     # Wan 2.1 / 2.2 (same wrapper): patch (1, 2, 2); "odd": 1x3x5 = 15 patches
     Family("wan", "WanTransformer3DModel", (f"{_XT}.transformer_wan", "xFuserWanTransformer3DWrapper"),
@@ -129,6 +195,32 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
            _flux1_inputs, {"even": {"hw": (4, 6), "text": 12}, "odd_text": {"hw": (4, 6), "text": 7},
                            "odd": {"hw": (3, 5), "text": 12}, "odd_both": {"hw": (3, 5), "text": 7}}),
+    # Latte (temporal blocks on): xfuser's pipeline splits the latent height (patch rows) over the sp ranks and
+    # refuses heights that do not divide patch_size * sp; "odd": an odd number of tokens per rank (5 patch
+    # columns) and per frame sequence (3 frames)
+    Family("latte", "LatteTransformer3DModel", ("xfuser.model_executor.models.transformers.latte_transformer_3d",
+                                                "xFuserLatteTransformer3DWrapper"),
+           dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=4, num_attention_heads=4,
+                caption_channels=8, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                norm_elementwise_affine=False, norm_eps=1e-6, video_length=3),
+           _latte_inputs, {"even": {"frames": 3, "hw": (24, 8)}, "odd": {"frames": 3, "hw": (24, 10)}},
+           wrap_instance=True, sp_call=_height_split_call),
+    # Lumina2 (Ulysses only: xfuser refuses ring); [text | image] joined, zero-padded to the degree, and the
+    # pad rows masked: xfuser then runs its SDPA backend itself (``backend=SDPA`` with the mask)
+    Family("lumina2", "Lumina2Transformer2DModel", (f"{_XT}.transformer_lumina2", "xFuserLumina2Transformer2DWrapper"),
+           dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+                num_attention_heads=4, num_kv_heads=2, multiple_of=4, axes_dim_rope=(4, 2, 2), axes_lens=(64, 64, 64),
+                cap_feat_dim=16),
+           _lumina2_inputs, {"even": {"hw": (4, 6), "text": 12}, "odd": {"hw": (4, 6), "text": 7}},
+           wrap_instance=True, ring_ok=False),
+    # Z-Image: diffusers pads image and caption tokens to multiples of 32 itself (pad tokens, attended by the
+    # model); xfuser then zero-pads the image, caption and joint sequences to the sp degree
+    # (``_chunk_and_pad_sequence``): degrees 2 and 4 always divide, 3 does not
+    Family("z_image", "ZImageTransformer2DModel", (f"{_XT}.transformer_z_image", "xFuserZImageTransformer2DWrapper"),
+           dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+                n_heads=4, n_kv_heads=4, qk_norm=True, cap_feat_dim=16, axes_dims=[4, 2, 2], axes_lens=[64, 32, 32]),
+           _z_image_inputs, {"even": {"hw": (4, 6), "text": 12}, "odd": {"hw": (3, 5), "text": 7}}, wrap_kwargs=True),
 )}
 
 

@@ -55,6 +55,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 
+def plain() -> str:
+    """The variant with no extra arguments, not staged, no model-specific code (the default backend)."""
+    return next(v.name for v in VARIANTS.values() if not v.usp_kwargs and not v.staged and not v.models)
+
+
+def eight_bit() -> tuple[str, ...]:
+    """Every variant that sends 8-bit data (a wire spec), in registry order."""
+    return tuple(v.name for v in VARIANTS.values() if v.wire != "none")
+
+
 def by_member(member) -> Variant | None:
     """The variant of an ``AttentionBackendType`` member (or its name), None for xfuser's own backends."""
     name = getattr(member, "name", member)

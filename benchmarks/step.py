@@ -243,8 +243,10 @@ def _result(cfg, stock: str, rows: list, complete: bool) -> dict:
 
 def worker(cfg) -> list:
     """Every rank: xfuser runtime, model, then each size and variant in the same order."""
-    from fastusp_xdit.xdit import activate
+    from fastusp_xdit.xdit import activate, hooks
 
+    if cfg["one_gpu"]:  # xfuser's own groups over gloo too (NCCL refuses two ranks on one GPU)
+        hooks.after_import("xfuser.envs", lambda envs: setattr(envs, "get_torch_distributed_backend", lambda: "gloo"))
     activate()  # before any xfuser import (required on CPU)
     from xfuser import xFuserArgs
     from xfuser.core.distributed import get_runtime_state, init_distributed_environment

@@ -41,6 +41,20 @@ def main() -> dict:
                                  differing=int((diff > 0).sum()), elements=diff.numel(),
                                  max_abs=diff.max().item(), max_steps=(diff / step).max().item()))
                 print(rows[-1])
+    # the output projection after attention: the (B, S, H*D) input as xfuser's processors build it from
+    # fastusp's token-major output (a strided view) vs from a contiguous output
+    for dtype in (torch.float16, torch.bfloat16):
+        for b, s, h, d in ((2, 256, 4, 8), (2, 4608, 24, 128)):
+            tm = torch.randn(s, b, h, d, device="cuda", dtype=dtype, generator=g)
+            lin = torch.nn.Linear(h * d, h * d, device="cuda", dtype=dtype)
+            strided = tm.permute(1, 0, 2, 3).reshape(b, s, h * d)     # BHSD.transpose(1, 2).reshape(...)
+            dense = tm.permute(1, 0, 2, 3).contiguous().reshape(b, s, h * d)
+            with torch.no_grad():
+                diff = (lin(strided).float() - lin(dense).float()).abs()
+            rows.append(dict(kernel="linear after attention", dtype=str(dtype).split(".")[-1], shape=[b, s, h * d],
+                             input_is_view=strided.data_ptr() == tm.data_ptr(), differing=int((diff > 0).sum()),
+                             elements=diff.numel(), max_abs=diff.max().item()))
+            print(rows[-1])
     record = {"command": "python benchmarks/one_gpu/layout_probe.py", "device": torch.cuda.get_device_name(0),
               "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
     out = os.environ.get("OUT", ".")

@@ -13,17 +13,26 @@ contiguous output, one program per ``block_rows`` rows. Only the per-value math 
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 import triton.language as tl
 
 from . import rows_triton
+
+try:  # triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older triton
+    from triton.language.extra.cuda import libdevice
 from .int8 import INT8_MAX
 from .rows import AMAX_FLOOR, NAN_SCALE_BITS
 
 _MAX = tl.constexpr(INT8_MAX)
 _FLOOR = tl.constexpr(AMAX_FLOOR)
 _NAN_BITS = tl.constexpr(NAN_SCALE_BITS)
+# On the GPU one cvt.rni (libdevice.rint: round half to even); Triton's interpreter cannot run extern
+# functions, so there the exact emulation below runs instead. Both give torch.round's bytes.
+_HW_RINT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -32,8 +41,8 @@ def _rint(v):
 
     Exact by construction: the truncation (``cvt.rzi``), ``v - trunc(v)`` (exact: same sign, no
     more bits) and the comparisons round nothing, and there is no multiply-add for the compiler to
-    contract. ``libdevice.rint`` (``cvt.rni``) would be one instruction on the GPU, but Triton's
-    interpreter cannot run extern functions, and this form is exact on both.
+    contract. The GPU uses ``libdevice.rint`` (one ``cvt.rni``); this form serves Triton's interpreter,
+    which cannot run extern functions.
     """
     t = v.to(tl.int32)
     f = tl.abs(v - t.to(tl.float32))
@@ -48,7 +57,12 @@ def _encode_kernel(x_ptr, out_ptr, n_rows, n1, n2, n3, s0, s1, s2, s3, sd,
                                                   UNIT, D, BLOCK_D, BLOCK_R)
     inv, sbits, bad = rows_triton.row_scale(x, _MAX, _FLOOR, _NAN_BITS, BLOCK_R)
     scaled = tl.where(bad[:, None], 0.0, x * inv[:, None])  # non-finite rows: values 0
-    qb = _rint(tl.clamp(scaled, -_MAX, _MAX)).to(tl.int8).to(tl.uint8, bitcast=True)
+    clamped = tl.clamp(scaled, -_MAX, _MAX)
+    if _HW_RINT:
+        q = libdevice.rint(clamped).to(tl.int32)
+    else:
+        q = _rint(clamped)
+    qb = q.to(tl.int8).to(tl.uint8, bitcast=True)
     rows_triton.store_rows(out_ptr, rows, row_ok, mask, qb, sbits, D, BLOCK_D)
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..comm.codecs import WireSpec
 from .spec import prepare
-from .steps import KVHook, attend, blocks, receive_in, receive_out, send_in, send_out, token_major
+from .steps import KVHook, attend, batch_major, blocks, receive_in, receive_out, send_in, send_out, token_major
 
 
 def usp_attention(
@@ -85,7 +85,10 @@ def usp_attention(
             cache holds a rank's whole head range).
 
     Returns:
-        (B, H, [joint_q +] S_local, D) in the input dtype, memory in token-major order.
+        (B, H, [joint_q +] S_local, D) in the input dtype, stored in (B, S, H, D) memory order: the
+        ``.transpose(1, 2).reshape(B, S, H * D)`` xfuser's processors apply is then a free view, and
+        the next projection gets a dense input (a strided one takes another GEMM path in cuBLAS, whose
+        rounding differs: ``benchmarks/one_gpu/layout_probe.py``).
     """
     joint = (joint_query, joint_key, joint_value)
     spec = prepare(query, key, value, joint=joint, joint_strategy=joint_strategy, ulysses_group=ulysses_group,
@@ -100,7 +103,7 @@ def usp_attention(
     if spec.ulysses == 1:
         q_tm, own = blocks({"q": [token_major(query)], "k": [token_major(key)], "v": [token_major(value)]}, joint,
                            spec, kv_hook)
-        return attend(q_tm, own, spec, kv_hook).permute(1, 2, 0, 3)
+        return batch_major(attend(q_tm, own, spec, kv_hook))
     specs = spec.groups() if kv_hook is None else [spec]
     qkv = {"q": query, "k": key, "v": value}
     pending, outs = send_in(qkv, specs[0]), []
@@ -111,5 +114,6 @@ def usp_attention(
         outs.append(send_out(attend(q_tm, own, group_spec, kv_hook).contiguous(), group_spec))
         pending = nxt
     pieces = [receive_out(o) for o in outs]  # [group][peer]; heads run peer-major, then group
-    return torch.cat([p[j] for j in range(spec.ulysses) for p in pieces], dim=2).permute(1, 2, 0, 3)
+    # the one copy of the output: written (B, S, H, D), what callers reshape to (B, S, H*D) for free
+    return torch.cat([p[j].transpose(0, 1) for j in range(spec.ulysses) for p in pieces], dim=2).transpose(1, 2)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -180,22 +180,37 @@ def _meta(t):
     return (t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t
 
 
-def _cached_build(q, k, v, joint, **call) -> CallSpec:
+class _Args(NamedTuple):
+    """The host arguments of a call, by name."""
+
+    joint_strategy: Optional[str]
+    ulysses_group: Any
+    ring_group: Any
+    seq_len_q: Any
+    seq_len_kv: Any
+    shards_q: Optional[tuple]
+    shards_kv: Optional[tuple]
+    scale: Optional[float]
+    backend: Optional[str]
+    wire: WireSpec
+    head_groups: int
+
+
+def _cached_build(q, k, v, joint, args: _Args) -> CallSpec:
     """:func:`_build` after the tensor checks, remembered for eager calls: everything depends only on
-    the tensors' shapes, dtypes and devices and on the named arguments, which form the key (compiled
-    graphs drop the host work anyway, so tracing always validates)."""
+    the tensors' shapes, dtypes and devices, the kernel override and the named arguments ``args``,
+    which form the key (compiled graphs drop the host work anyway, so tracing always validates)."""
     if torch.compiler.is_compiling():
-        _check_tensors(q, k, v, joint, call["joint_strategy"])
-        return _build(q, k, joint, **call)
+        _check_tensors(q, k, v, joint, args.joint_strategy)
+        return _build(q, k, joint, *args)
     try:
-        key = (_meta(q), _meta(k), _meta(v), *map(_meta, joint), os.environ.get("FASTUSP_ATTN_BACKEND"),
-               *call.items())
+        key = (_meta(q), _meta(k), _meta(v), *map(_meta, joint), os.environ.get("FASTUSP_ATTN_BACKEND"), args)
         spec = _SPECS.get(key)
     except TypeError:  # an unhashable argument (or a non-tensor input): validation will name it
         key, spec = None, None
     if spec is None:
-        _check_tensors(q, k, v, joint, call["joint_strategy"])
-        spec = _build(q, k, joint, **call)
+        _check_tensors(q, k, v, joint, args.joint_strategy)
+        spec = _build(q, k, joint, *args)
         if key is not None:
             if len(_SPECS) >= _SPECS_MAX:
                 _SPECS.clear()
@@ -218,10 +233,9 @@ def prepare(query, key, value, *, joint=(None, None, None), joint_strategy=None,
         if not isinstance(head_groups, (int, torch.SymInt)) or head_groups < 1:
             raise ValueError(f"head_groups must be an int >= 1, got {head_groups!r}")
         head_groups = int(head_groups)  # a host decision: torch.compile specializes on it
-        spec = _cached_build(query, key, value, joint, joint_strategy=joint_strategy, ulysses_group=ulysses_group,
-                             ring_group=ring_group, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv,
-                             shards_q=_tuple(shards_q), shards_kv=_tuple(shards_kv), scale=scale, backend=backend,
-                             wire=wire, head_groups=head_groups)
+        spec = _cached_build(query, key, value, joint, _Args(joint_strategy, ulysses_group, ring_group, seq_len_q,
+                                                             seq_len_kv, shards_q and tuple(shards_q), shards_kv and tuple(shards_kv), scale,
+                                                             backend, wire, head_groups))
     except ValueError as e:
         rejected = e
     # Ranks must agree before any data collective (first call of a process, or every call with
@@ -231,6 +245,3 @@ def prepare(query, key, value, *, joint=(None, None, None), joint_strategy=None,
                joint_strategy=joint_strategy, scale=scale, kv_hook=kv_hook, wire=wire, head_groups=head_groups)
     return spec
 
-
-def _tuple(x):
-    return tuple(x) if isinstance(x, list) else x

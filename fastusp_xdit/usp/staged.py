@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .spec import check, prepare
-from .steps import attend, blocks, receive_in, receive_out, send_in, send_out, token_major
+from .steps import attend, batch_major, blocks, receive_in, receive_out, send_in, send_out, token_major
 
 
 def _like(x: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
@@ -73,8 +73,7 @@ def usp_attention_staged(
         query, key = _like(query_fn(), value, "query"), _like(key_fn(), value, "key")
         q_tm, own = blocks({"q": [token_major(query)], "k": [token_major(key)], "v": [token_major(value)]}, joint,
                            spec, None)
-        out = attend(q_tm, own, spec, None).permute(1, 2, 0, 3)
-        return out, after() if after is not None else None
+        return batch_major(attend(q_tm, own, spec, None)), after() if after is not None else None
     pending_v = send_in({"v": value}, spec)
     pending_q = send_in({"q": _like(query_fn(), value, "query")}, spec)
     pending_k = send_in({"k": _like(key_fn(), value, "key")}, spec)
@@ -84,4 +83,4 @@ def usp_attention_staged(
     q_tm, own = blocks(pieces, joint, spec, None)
     pending_out = send_out(attend(q_tm, own, spec, None).contiguous(), spec)
     extra = after() if after is not None else None
-    return torch.cat(receive_out(pending_out), dim=2).permute(1, 2, 0, 3), extra
+    return torch.cat([p.transpose(0, 1) for p in receive_out(pending_out)], dim=2).transpose(1, 2), extra

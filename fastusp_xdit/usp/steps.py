@@ -45,6 +45,14 @@ def token_major(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3)
 
 
+def batch_major(out_tm: torch.Tensor) -> torch.Tensor:
+    """Token-major (S, B, H, D) output -> its (B, H, S, D) view over (B, S, H, D) memory (a copy only
+    when B > 1)."""
+    if out_tm.shape[1] == 1:  # one batch row: (S, 1, H, D) memory already is (1, S, H, D)
+        return out_tm.permute(1, 2, 0, 3)
+    return out_tm.transpose(0, 1).contiguous().transpose(1, 2)
+
+
 def _with_joint(pieces: list, joint, front: bool) -> list:
     return pieces if joint is None else ([joint] + pieces if front else pieces + [joint])
 

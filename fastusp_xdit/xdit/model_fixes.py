@@ -212,23 +212,30 @@ def _wrap(cls, name: str, make):
     setattr(cls, name, new)
 
 
+def _record_layout(cls, layout_of):
+    """Wrap ``cls.forward`` so that, with a fastusp backend, ``layout_of(self, sp, *args, **kwargs)``
+    (a :class:`SeqLayout` of the global shapes) is recorded while it runs."""
+    def make(orig):
+        def forward(self, *args, **kwargs):
+            if not _fastusp():
+                return orig(self, *args, **kwargs)
+            return _run(layout_of(self, _sp()[1], *args, **kwargs), orig, self, *args, **kwargs)
+        return forward
+
+    _wrap(cls, "forward", make)
+
+
 # xfuser 0.7.0 transformer_wan.py, xFuserWanTransformer3DWrapper.forward: _chunk_and_pad_sequence
 # zero-pads the patch sequence to a multiple of the sp degree; the pad rows were attended as keys.
 def _fix_wan(module: types.ModuleType):
     check_module(module)
 
-    def make(orig):
-        def forward(self, hidden_states, *args, **kwargs):
-            if not _fastusp():
-                return orig(self, hidden_states, *args, **kwargs)
-            _, sp = _sp()
-            p_t, p_h, p_w = self.config.patch_size
-            _, _, f, h, w = hidden_states.shape
-            lay = SeqLayout((pad_segment((f // p_t) * (h // p_h) * (w // p_w), sp),), needs_attn_layer=True)
-            return _run(lay, orig, self, hidden_states, *args, **kwargs)
-        return forward
+    def layout_of(self, sp, hidden_states, *args, **kwargs):
+        p_t, p_h, p_w = self.config.patch_size
+        _, _, f, h, w = hidden_states.shape
+        return SeqLayout((pad_segment((f // p_t) * (h // p_h) * (w // p_w), sp),), needs_attn_layer=True)
 
-    _wrap(module.xFuserWanTransformer3DWrapper, "forward", make)
+    _record_layout(module.xFuserWanTransformer3DWrapper, layout_of)
 
 
 # xfuser 0.7.0 transformer_flux2.py, xFuserFlux2Transformer2DWrapper.forward: the image is zero-padded
@@ -236,19 +243,13 @@ def _fix_wan(module: types.ModuleType):
 def _fix_flux2(module: types.ModuleType):
     check_module(module)
 
-    def make(orig):
-        def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-            if not _fastusp():
-                return orig(self, hidden_states, encoder_hidden_states, *args, **kwargs)
-            _, sp = _sp()
-            text = encoder_hidden_states.shape[1]
-            txt = chunk_segment(text, sp)
-            _refuse_empty("FLUX.2", txt.held, text, sp, "text tokens")
-            lay = SeqLayout((txt, pad_segment(hidden_states.shape[1], sp)))
-            return _run(lay, orig, self, hidden_states, encoder_hidden_states, *args, **kwargs)
-        return forward
+    def layout_of(self, sp, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        text = encoder_hidden_states.shape[1]
+        txt = chunk_segment(text, sp)
+        _refuse_empty("FLUX.2", txt.held, text, sp, "text tokens")
+        return SeqLayout((txt, pad_segment(hidden_states.shape[1], sp)))
 
-    _wrap(module.xFuserFlux2Transformer2DWrapper, "forward", make)
+    _record_layout(module.xFuserFlux2Transformer2DWrapper, layout_of)
 
 
 # xfuser 0.7.0 transformer_qwen.py, xFuserQwenImageTransformerWrapper.forward: text and image are both
@@ -256,16 +257,10 @@ def _fix_flux2(module: types.ModuleType):
 def _fix_qwen(module: types.ModuleType):
     check_module(module)
 
-    def make(orig):
-        def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-            if not _fastusp():
-                return orig(self, hidden_states, encoder_hidden_states, *args, **kwargs)
-            _, sp = _sp()
-            lay = SeqLayout((pad_segment(encoder_hidden_states.shape[1], sp), pad_segment(hidden_states.shape[1], sp)))
-            return _run(lay, orig, self, hidden_states, encoder_hidden_states, *args, **kwargs)
-        return forward
+    def layout_of(self, sp, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return SeqLayout((pad_segment(encoder_hidden_states.shape[1], sp), pad_segment(hidden_states.shape[1], sp)))
 
-    _wrap(module.xFuserQwenImageTransformerWrapper, "forward", make)
+    _record_layout(module.xFuserQwenImageTransformerWrapper, layout_of)
 
 
 class _UnevenGatherGroup:
